@@ -1,0 +1,280 @@
+"""TFDS builders (array_record, readable without TensorFlow).
+
+* `EvidenceVqa` ("evidence_vqa"): the synthetic task of `synthetic.py`.
+* `JsonlVqa` ("jsonl_vqa"): users' JSONL files (`jsonl.py`), one builder
+  config per dataset name.
+
+Features avoid TensorFlow's encoders (images are stored as their encoded
+bytes, boxes as float32 tensors), so `tfds.data_source` reads them back
+with TensorFlow absent. A record read back has bytes for every string:
+
+  id, question, answer, answer_type, family, reference_response: bytes
+  image: PNG bytes (evidence_vqa) | images: [encoded bytes] (jsonl_vqa)
+  boxes: float32[n, 4] pixels [x0, y0, x1, y1]; box_labels: [bytes]
+  box_image: int32 (jsonl_vqa)
+
+    builders.build_synthetic(data_dir)          # writes evidence_vqa
+    src = builders.data_source("evidence_vqa", "train", data_dir)
+    src[0]["question"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+from etils import epath
+import numpy as np
+import tensorflow_datasets as tfds
+
+from faithful_rl.data import jsonl as jsonl_lib
+from faithful_rl.data import synthetic
+
+
+def _features(multi_image: bool) -> tfds.features.FeaturesDict:
+  encoded = tfds.features.Tensor(shape=(), dtype=np.object_)
+  feats = {
+      "id": tfds.features.Text(),
+      "question": tfds.features.Text(),
+      "answer": tfds.features.Text(),
+      "answer_type": tfds.features.Text(),
+      "boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
+      "box_labels": tfds.features.Sequence(tfds.features.Text()),
+      "family": tfds.features.Text(),
+      "reference_response": tfds.features.Text(),
+  }
+  if multi_image:
+    feats["images"] = tfds.features.Sequence(encoded)
+    feats["box_image"] = tfds.features.Scalar(dtype=np.int32)
+  else:
+    feats["image"] = encoded
+  return tfds.features.FeaturesDict(feats)
+
+
+class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Locates its code without `importlib_resources` (not a dependency)."""
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:  # pylint: disable=invalid-name
+    return epath.Path(__file__)
+
+
+# ---------------------------------------------------------------------------
+# Synthetic.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class EvidenceVqaConfig(tfds.core.BuilderConfig):
+  """A synthetic dataset: task knobs, split sizes and the seed.
+
+  Attributes:
+    synthetic: the task knobs (image sizes, families, distractors,
+      difficulty).
+    num_train: examples in the train split.
+    num_validation: examples in the validation split.
+    num_test: examples in the test split.
+    seed: base seed; splits draw from disjoint streams of it.
+  """
+
+  synthetic: synthetic.SyntheticConfig = synthetic.SyntheticConfig()
+  num_train: int = 20000
+  num_validation: int = 1000
+  num_test: int = 1000
+  seed: int = 0
+
+
+_MIXED_SIZES = ((112, 112), (168, 112), (112, 168), (168, 168), (224, 224))
+
+
+class EvidenceVqa(_Builder):
+  """Synthetic evidence-grounded VQA with exact evidence boxes."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  BUILDER_CONFIGS = [
+      EvidenceVqaConfig(
+          name="default",
+          description="112-px images, all task families, <= 2 distractors.",
+      ),
+      EvidenceVqaConfig(
+          name="mixed_sizes",
+          description="Images of 112..224 px, all task families.",
+          synthetic=synthetic.SyntheticConfig(image_sizes=_MIXED_SIZES),
+      ),
+      EvidenceVqaConfig(
+          name="hard",
+          description="112..224 px, 4 distractors, difficulty 0.5.",
+          synthetic=synthetic.SyntheticConfig(
+              image_sizes=_MIXED_SIZES, max_distractors=4, difficulty=0.5
+          ),
+      ),
+  ]
+  DEFAULT_CONFIG_NAME = "default"
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=synthetic.__doc__,
+        features=_features(multi_image=False),
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    cfg = self.builder_config
+    sizes = {
+        "train": cfg.num_train,
+        "validation": cfg.num_validation,
+        "test": cfg.num_test,
+    }
+    return {
+        split: self._generate_examples(split, n)
+        for split, n in sizes.items()
+        if n > 0
+    }
+
+  def _generate_examples(self, split: str, num_examples: int):
+    cfg = self.builder_config
+    for i, rec in enumerate(
+        synthetic.generate(cfg.synthetic, split, num_examples, seed=cfg.seed)
+    ):
+      yield i, rec
+
+
+def build_synthetic(
+    data_dir: str,
+    config: str | EvidenceVqaConfig = "default",
+    **config_overrides,
+) -> EvidenceVqa:
+  """Builds (or reuses) an `evidence_vqa` config under `data_dir`.
+
+  Args:
+    data_dir: TFDS data directory.
+    config: a name from `EvidenceVqa.BUILDER_CONFIGS`, or a config (its
+      name must differ from the predefined ones when its knobs do).
+    **config_overrides: fields of `EvidenceVqaConfig` replacing those of
+      the named config; the name must then be given too (as `name=`).
+  """
+  if isinstance(config, str):
+    base = {c.name: c for c in EvidenceVqa.BUILDER_CONFIGS}
+    if config not in base and not config_overrides:
+      raise ValueError(f"unknown evidence_vqa config {config!r}")
+    if config_overrides:
+      if "name" not in config_overrides:
+        raise ValueError("name= is required with config overrides")
+      config = dataclasses.replace(
+          base.get(config, EvidenceVqaConfig(name="x")), **config_overrides
+      )
+    else:
+      config = base[config]
+  builder = EvidenceVqa(
+      config=config, data_dir=data_dir, file_format="array_record"
+  )
+  builder.download_and_prepare()
+  return builder
+
+
+# ---------------------------------------------------------------------------
+# JSONL.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class JsonlVqaConfig(tfds.core.BuilderConfig):
+  """One user dataset: split name -> JSONL path (pairs, to stay hashable)."""
+
+  files: tuple[tuple[str, str], ...] = ()
+
+
+class JsonlVqa(_Builder):
+  """Users' evidence-VQA JSONL (see `faithful_rl.data.jsonl`)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.reports: dict[str, jsonl_lib.JsonlReport] = {}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=jsonl_lib.__doc__,
+        features=_features(multi_image=True),
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {
+        split: self._generate_examples(split, path)
+        for split, path in self.builder_config.files
+    }
+
+  def _generate_examples(self, split: str, path: str):
+    report = jsonl_lib.JsonlReport(path)
+    self.reports[split] = report
+    for i, rec in enumerate(jsonl_lib.iter_jsonl(path, report)):
+      yield i, rec
+
+
+def build_jsonl(
+    files: str | Mapping[str, str],
+    data_dir: str,
+    name: str | None = None,
+    *,
+    overwrite: bool = True,
+) -> tuple[JsonlVqa, dict[str, jsonl_lib.JsonlReport]]:
+  """Builds `jsonl_vqa/<name>` from JSONL files.
+
+  Args:
+    files: a JSONL path (the train split) or {split: path}.
+    data_dir: TFDS data directory.
+    name: the dataset (builder config) name; default: the first file's
+      stem.
+    overwrite: rebuild when the dataset exists (else reuse it; the reports
+      are then empty).
+
+  Returns:
+    The builder and, per split, the `JsonlReport` (bad records, counts).
+  """
+  if isinstance(files, (str, os.PathLike)):
+    files = {"train": os.fspath(files)}
+  files = {k: os.path.abspath(v) for k, v in files.items()}
+  if name is None:
+    first = next(iter(files.values()))
+    name = os.path.splitext(os.path.basename(first))[0]
+  config = JsonlVqaConfig(
+      name=name,
+      description=f"JSONL files {files}",
+      files=tuple(sorted(files.items())),
+  )
+  builder = JsonlVqa(config=config, data_dir=data_dir, file_format="array_record")
+  mode = (
+      tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+      if overwrite
+      else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+  )
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(download_mode=mode)
+  )
+  return builder, dict(builder.reports)
+
+
+# ---------------------------------------------------------------------------
+# Reading.
+# ---------------------------------------------------------------------------
+
+
+def data_source(name: str, split: str, data_dir: str) -> Any:
+  """A random-access source (len, [i]) of a built dataset's split.
+
+  Args:
+    name: "evidence_vqa[/config]" or "jsonl_vqa/<name>".
+    split: a split name (TFDS slicing such as "train[:100]" works).
+    data_dir: the TFDS data directory it was built in.
+  """
+  return tfds.data_source(name, split=split, data_dir=data_dir)
