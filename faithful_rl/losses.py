@@ -20,6 +20,7 @@ losses here take it as an input array.
 
 from __future__ import annotations
 
+import fractions
 from typing import Any
 
 import jax
@@ -39,7 +40,7 @@ _DIRECTIONS = ("target_to_model", "model_to_target")
 
 
 def masked_sum(x: Array, mask: Array, *, axis=None) -> Array:
-  """Sum of `x` where `mask` (bool or float weights); masked NaNs are ignored."""
+  """Sum of `x` where `mask` (bool or float weights), ignoring masked NaNs."""
   mask = jnp.asarray(mask)
   x = jnp.where(mask != 0, x, 0.0)
   return jnp.sum(x * mask.astype(jnp.float32), axis=axis)
@@ -219,9 +220,11 @@ def grpo_loss(
     kl_beta: float = 0.04,
     **kwargs: Any,
 ) -> tuple[Array, Metrics]:
-  """`policy_loss` with GRPO's defaults: symmetric clip 0.2, per-response
-  token mean, k3 reference KL with beta 0.04 (so `ref_logp` is needed unless
-  `kl_beta=0`)."""
+  """`policy_loss` with GRPO's defaults (METHODS 1).
+
+  Symmetric clip 0.2, per-response token mean, k3 reference KL with beta
+  0.04 (so `ref_logp` is needed unless `kl_beta=0`).
+  """
   return policy_loss(
       clip_low=clip_low,
       clip_high=clip_high,
@@ -239,8 +242,10 @@ def dapo_loss(
     kl_beta: float = 0.0,
     **kwargs: Any,
 ) -> tuple[Array, Metrics]:
-  """`policy_loss` with DAPO's defaults: clip-higher (0.2, 0.28), token-mean
-  aggregation, no reference KL."""
+  """`policy_loss` with DAPO's defaults (METHODS 2).
+
+  Clip-higher (0.2, 0.28), token-mean aggregation, no reference KL.
+  """
   return policy_loss(
       clip_low=clip_low,
       clip_high=clip_high,
@@ -264,8 +269,11 @@ def overlong_penalty(*, lengths: Array, max_len: int, cache_len: int) -> Array:
 
 
 def overlong_filter_mask(*, truncated: Array, mask: Array | None = None):
-  """Overlong filtering: float32[B] keep weights (0 for truncated responses),
-  or `mask` float32[B, T] with truncated responses' rows zeroed."""
+  """Overlong filtering: truncated responses leave the loss.
+
+  Returns float32[B] keep weights (0 for truncated responses), or, given
+  `mask` [B, T], the mask as float32 with truncated responses' rows zeroed.
+  """
   keep = 1.0 - jnp.asarray(truncated).astype(jnp.float32)
   if mask is None:
     return keep
@@ -378,8 +386,16 @@ def chunked_token_logprobs(
 # ------------------------------------------------------------------------------
 
 
-def _head_mean(attention: Array) -> Array:
-  """[B, V] / [B, Q, V] / [B, H, Q, V] -> float32[B, Q, V]."""
+def _head_mean(attention) -> Array:
+  """[B, V] / [B, Q, V] / [B, H, Q, V] -> float32[B, Q, V].
+
+  A dict {layer: array} or a list of arrays (several probed layers) is
+  averaged over layers, as heads are.
+  """
+  if isinstance(attention, dict):
+    attention = list(attention.values())
+  if isinstance(attention, (list, tuple)):
+    return sum(_head_mean(x) for x in attention) / len(attention)
   a = jnp.asarray(attention, jnp.float32)
   if a.ndim == 2:
     return a[:, None, :]
@@ -408,7 +424,8 @@ def trajectory_attention(
   attention.
 
   Args:
-    attention: [B, V], [B, Q, V] or [B, H, Q, V] (heads are averaged).
+    attention: [B, V], [B, Q, V] or [B, H, Q, V] (heads are averaged), or
+      {layer: such an array} (layers are averaged too).
     valid: [B, V] visual columns that exist.
     query_mask: [B, Q] real probed rows (all rows when None).
     renormalize: divide each row by its mass on the valid columns.
@@ -519,10 +536,12 @@ def ease_loss(
     attention: [B, Q, V], [B, H, Q, V] or [B, V] probed attention.
     target: float[B, V] EASE target (`data.targets.ease_target`).
     valid: [B, V] visual columns that exist.
-    rewards: float[B] trajectory rewards.
+    rewards: float[B] trajectory rewards (the correctness reward when the
+      total carries shaping terms).
     query_mask: [B, Q] real probed rows.
-    target_mask: bool[B] trajectories with evidence (all when None); the
-      no-box 'skip' switch passes False for examples without boxes.
+    target_mask: bool[B] trajectories to supervise (the no-box 'skip'
+      switch passes False for examples without boxes); trajectories whose
+      target is all zero on the valid columns never count.
     evidence_mask: bool[B, V] tokens covered by evidence boxes, for the
       diagnostics only (skipped when None).
     tau: reward gate.
@@ -538,11 +557,9 @@ def ease_loss(
   """
   valid = jnp.asarray(valid).astype(bool)
   r = jnp.asarray(rewards, jnp.float32)
-  has_t = (
-      jnp.ones(r.shape, bool)
-      if target_mask is None
-      else jnp.asarray(target_mask).astype(bool)
-  )
+  has_t = jnp.any((jnp.asarray(target) > 0) & valid, axis=-1)
+  if target_mask is not None:
+    has_t = has_t & jnp.asarray(target_mask).astype(bool)
   counted = has_t & (r >= tau) if gate else has_t
   att = _head_mean(attention)
   safe = jnp.broadcast_to(valid[:, None, :].astype(jnp.float32), att.shape)
@@ -623,14 +640,16 @@ def anchor_loss(
     direction: str = "target_to_model",
     eps: float = 1e-8,
 ) -> tuple[Array, Metrics]:
-  """Anchoring loss: KL between the <Focus> row's visual attention and the
-  focus target, averaged over examples with boxes.
+  """Faithful-MR1 anchoring loss (METHODS 4).
+
+  KL between the <Focus> row's visual attention and the focus target,
+  averaged over examples with boxes.
 
   Args:
     focus_attention: [B, V] (the <Focus> row), or [B, Q, V] / [B, H, Q, V]
       probed rows of which row `focus_row` is the <Focus> token (row 0
       when <Focus> is the first probed response token); other rows are
-      not read.
+      not read. A {layer: array} dict averages the supervised layers.
     focus_target: float[B, V], e.g. uniform over the covered tokens, all
       zero for an example without boxes.
     valid: [B, V] visual columns that exist.
@@ -644,11 +663,8 @@ def anchor_loss(
     focus_mass (attention share on the target's support) and focus_hit
     (argmax on the support), over supervised examples.
   """
-  a = jnp.asarray(focus_attention, jnp.float32)
-  if a.ndim == 4:
-    a = a[:, :, focus_row, :].mean(axis=1)
-  elif a.ndim == 3:
-    a = a[:, focus_row, :]
+  rows = _head_mean(focus_attention)
+  a = rows[:, focus_row if rows.shape[1] > 1 else 0]
   valid = jnp.asarray(valid).astype(bool)
   t = jnp.asarray(focus_target, jnp.float32)
   support = (t > 0) & valid
@@ -758,8 +774,11 @@ def attention_mass_reward(
 def visual_dependency(
     *, logp_perturbed: Array, logp_orig: Array, mask: Array
 ) -> Array:
-  """Token visual dependency S = exp(d) - d - 1, d = lp_pert - lp_orig,
-  clamped to [0, 10]; float32[B, T], 0 off the mask, no gradient."""
+  """VPPO token visual dependency, float32[B, T] (no gradient).
+
+  S = exp(d) - d - 1 with d = lp_perturbed - lp_orig, clamped to [0, 10];
+  0 off the mask.
+  """
   d = jnp.asarray(logp_perturbed, jnp.float32) - jnp.asarray(logp_orig)
   s = jnp.clip(_k3(d), 0.0, 10.0)
   return jax.lax.stop_gradient(jnp.where(jnp.asarray(mask) != 0, s, 0.0))
@@ -769,13 +788,16 @@ def topk_token_mask(*, scores: Array, mask: Array, frac: float = 0.4) -> Array:
   """bool[B, T]: the top `frac` of each response's valid tokens by score.
 
   Each response with n valid tokens keeps exactly k = ceil(frac * n)
-  tokens (ceil, so any non-empty response keeps at least one; a 1e-6
-  tolerance stops float error such as 0.7 * 10 = 7.000000000000001 from
-  adding one). Ties go to the earlier position.
+  tokens (ceil, so any non-empty response keeps at least one). To keep
+  float error (0.7 * 10 = 7.000000000000001) from adding one, `frac` is
+  read as the nearest fraction p / q with q <= 1000 and k computed in
+  integers. Ties go to the earlier position.
   """
+  ratio = fractions.Fraction(frac).limit_denominator(1000)
+  p, q = ratio.numerator, ratio.denominator
   m = jnp.asarray(mask).astype(bool)
-  n = m.sum(-1).astype(jnp.float32)
-  k = jnp.ceil(frac * n - 1e-6).astype(jnp.int32)
+  n = m.sum(-1).astype(jnp.int32)
+  k = (n * p + q - 1) // q
   s = jnp.where(m, jnp.asarray(scores, jnp.float32), -jnp.inf)
   order = jnp.argsort(-s, axis=-1, stable=True)
   rank = jnp.argsort(order, axis=-1)

@@ -269,7 +269,7 @@ def _math_verify_equal(gold: str, pred: str) -> bool:
   if len(gold) + len(pred) > 1000:
     return False
   try:
-    from math_verify import errors as mv_errors
+    from math_verify import errors as mve
     from math_verify import parse as mv_parse
     from math_verify import verify as mv_verify
   except ImportError:
@@ -281,7 +281,8 @@ def _math_verify_equal(gold: str, pred: str) -> bool:
     if not g or not p:
       return False
     return bool(mv_verify(g, p, timeout_seconds=seconds))
-  except (Exception, mv_errors.TimeoutException):  # pylint: disable=broad-except
+  # TimeoutException derives from BaseException, so it is named.
+  except (Exception, mve.TimeoutException):  # pylint: disable=broad-except
     return False
 
 

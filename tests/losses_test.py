@@ -122,6 +122,20 @@ def test_grpo_vs_dapo_clip_defaults():
     losses.grpo_loss(**kw)  # beta 0.04 needs a reference
 
 
+def test_losses_jit():
+  kw = dict(
+      logp=jnp.full((2, 2), math.log(1.5)),
+      old_logp=jnp.zeros((2, 2)),
+      advantages=jnp.array([1.0, -1.0]),
+      mask=jnp.array([[1, 1], [1, 0]]),
+  )
+  eager, _ = losses.dapo_loss(**kw)
+  jitted, m = jax.jit(lambda kw: losses.dapo_loss(**kw))(kw)
+  close(jitted, eager)
+  close(eager, (-1.28 * 2 + 1.5) / 3)
+  close(m["clip_frac_high"], 2 / 3)
+
+
 def _ragged(aggregation, token_weights=None):
   # Ratio 1 everywhere, so each token's loss is -A. Row 2 is padding.
   adv = jnp.array([[1.0, 2.0, 3.0], [10.0, 99.0, 99.0], [5.0, 5.0, 5.0]])
@@ -353,6 +367,13 @@ def test_attention_kl_gradient_moves_toward_target(direction):
   assert mass(z1) > mass(z)
 
 
+def test_attention_layers_average_like_heads():
+  other = jnp.array([[[0.1, 0.1, 0.0], [0.3, 0.1, 0.0]]])
+  kw = dict(target=TARGET, valid=VALID)
+  both = losses.attention_kl(attention={3: ATT, 5: other}, **kw)
+  close(both, losses.attention_kl(attention=(ATT + other) / 2, **kw))
+
+
 def _ease_batch():
   att = jnp.array([
       [[0.2, 0.2, 0.0], [0.1, 0.3, 0.0]],
@@ -413,6 +434,15 @@ def test_ease_loss_target_mask():
       target_mask=jnp.array([False, False, True, True]),
   )
   close(loss, (per[2] + per[3]) / 2)
+  # An all-zero target (no box) never counts.
+  loss, m = losses.ease_loss(
+      attention=att,
+      target=target.at[0].set(0.0),
+      valid=valid,
+      rewards=jnp.array([1.0, 0.0, 1.0, 0.0]),
+  )
+  close(loss, per[2])
+  close(m["gate_coverage"], 0.25)
 
 
 def test_sample_query_rows():
@@ -541,6 +571,13 @@ def test_topk_token_mask_hand_example():
   np.testing.assert_array_equal(keep, want)
   keep = losses.topk_token_mask(scores=scores, mask=mask, frac=0.7)
   np.testing.assert_array_equal(keep.sum(-1), [4, 3, 7, 0])  # ceil(3.5), 7
+  scores = jax.random.uniform(jax.random.key(3), (1, 1000))
+  for frac, k in ((0.4, 400), (0.7, 700), (0.33, 330), (0.001, 1)):
+    keep = losses.topk_token_mask(
+        scores=scores, mask=jnp.ones((1, 1000)), frac=frac
+    )
+    assert int(keep.sum()) == k
+    assert float(scores[keep].min()) >= float(scores[~keep].max())
 
 
 def test_vppo_advantage_scale_hand_example():
