@@ -1,0 +1,231 @@
+r"""Forward speed vs `transformers`, and peak host memory of loading.
+
+  python benchmarks/forward.py                 # both parts
+  python benchmarks/forward.py --skip_memory   # speed only
+
+Speed: our jitted forward and `transformers`' Qwen2_5_VLForConditionalGeneration
+(torch, eval, no_grad, same thread count) on the same mid-sized random
+config (text hidden 512 x 8 layers, vision hidden 512 x 8 blocks, one
+448x448 image per example, batch 2), float32 on CPU. Prints the median
+time of each and the ratio.
+
+Memory: writes a ~1B-parameter checkpoint in bfloat16 as several shards,
+then loads it with `models.from_pretrained` in a fresh process and prints
+its peak resident memory beside the checkpoint's size on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def mid_config():
+  from faithful_rl.models.config import ModelConfig
+  from faithful_rl.models.config import TextConfig
+  from faithful_rl.models.config import VisionConfig
+
+  return ModelConfig(
+      text=TextConfig(
+          vocab_size=32000,
+          hidden_size=512,
+          intermediate_size=1408,
+          num_hidden_layers=8,
+          num_attention_heads=8,
+          num_key_value_heads=2,
+          mrope_section=(8, 12, 12),
+          tie_word_embeddings=False,
+      ),
+      vision=VisionConfig(
+          depth=8,
+          hidden_size=512,
+          intermediate_size=1024,
+          num_heads=8,
+          out_hidden_size=512,
+          fullatt_block_indexes=(3, 7),
+      ),
+      image_token_id=31999,
+      vision_start_token_id=31997,
+      vision_end_token_id=31998,
+      video_token_id=31996,
+      bos_token_id=1,
+      eos_token_id=2,
+      pad_token_id=0,
+  )
+
+
+def _median_time(fn, repeats):
+  fn()  # warm-up (and compile)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def bench_speed(repeats: int):
+  import jax
+  import torch
+  from transformers import Qwen2_5_VLForConditionalGeneration
+
+  from faithful_rl import models
+  from faithful_rl.models import inputs as inputs_lib
+
+  threads = os.cpu_count()
+  torch.set_num_threads(threads)
+  config = mid_config()
+  torch.manual_seed(0)
+  hf = Qwen2_5_VLForConditionalGeneration(config.to_hf()).eval()
+  with tempfile.TemporaryDirectory() as d:
+    hf.save_pretrained(d)
+    model = models.from_pretrained(d)
+
+  rng = np.random.default_rng(0)
+  grid = (1, 32, 32)  # 448 x 448 px
+  n_img = 32 * 32 // 4
+  prompt = (
+      [5] * 10
+      + [config.vision_start_token_id]
+      + [config.image_token_id] * n_img
+      + [config.vision_end_token_id]
+      + list(rng.integers(3, 30000, 40))
+  )
+  ids = np.array([prompt, prompt], np.int64)
+  mask = np.ones_like(ids)
+  pix = rng.standard_normal((2 * 1024, config.vision.patch_dim), np.float32)
+  thw = np.array([grid, grid])
+
+  pix_list, grids = inputs_lib.split_hf_images(ids, pix, thw, config)
+  vis = inputs_lib.vision_inputs(pix_list, grids, 1024, config.vision)
+  pos, _ = inputs_lib.rope_index(ids, mask, grids, config)
+
+  from flax import nnx
+
+  @nnx.jit
+  def forward(m, ids, mask, pos, vis):
+    return m(ids, attention_mask=mask, position_ids=pos, vision=vis).logits
+
+  args = [jax.numpy.asarray(x) for x in (ids, mask, pos)]
+  vis = jax.tree.map(jax.numpy.asarray, vis)
+  ours = _median_time(
+      lambda: forward(model, *args, vis).block_until_ready(), repeats
+  )
+  t_ids, t_mask = torch.tensor(ids), torch.tensor(mask)
+  t_pix, t_thw = torch.tensor(pix), torch.tensor(thw)
+  t_mm = torch.tensor((ids == config.image_token_id).astype(np.int64))
+
+  def reference():
+    with torch.no_grad():
+      hf(
+          input_ids=t_ids,
+          attention_mask=t_mask,
+          pixel_values=t_pix,
+          image_grid_thw=t_thw,
+          mm_token_type_ids=t_mm,
+      )
+
+  ref = _median_time(reference, repeats)
+  print(
+      f"forward, batch 2 x (1 image 448x448 + {ids.shape[1] - n_img} text"
+      f" tokens), T={ids.shape[1]}, float32, {threads} CPU threads"
+  )
+  print(f"  faithful_rl (jax.jit): {ours * 1e3:8.1f} ms")
+  print(f"  transformers (torch):  {ref * 1e3:8.1f} ms")
+  print(f"  ratio transformers/ours: {ref / ours:.2f}x")
+
+
+def _write_big_checkpoint(path: str):
+  import jax.numpy as jnp
+
+  from faithful_rl import models
+
+  config = mid_config()
+  config = config.replace_text(
+      vocab_size=32000,
+      hidden_size=2048,
+      intermediate_size=5504,
+      num_hidden_layers=16,
+      num_attention_heads=16,
+      num_key_value_heads=4,
+      mrope_section=(16, 24, 24),
+  ).replace_vision(out_hidden_size=2048)
+  model = models.create(config, dtype=jnp.bfloat16)
+  models.save_pretrained(model, path, max_shard_bytes=512 * 1024**2)
+  n = sum(x.size for x in __import__("jax").tree.leaves(model))
+  return n
+
+
+def _peak_rss() -> int:
+  """This process's peak resident memory in bytes (VmHWM; reset by exec,
+  unlike getrusage's ru_maxrss, which a child inherits from its parent)."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) * 1024
+  raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _load_and_report(path: str):
+  """Runs in a fresh process: load, then print peak RSS."""
+  import jax
+  import jax.numpy as jnp
+
+  from faithful_rl import models
+
+  jnp.zeros(1).block_until_ready()  # runtime up before the baseline
+  base = _peak_rss()
+  t0 = time.perf_counter()
+  model = models.from_pretrained(path, dtype=jnp.bfloat16)
+  jax.block_until_ready(jax.tree.leaves(model))
+  dt = time.perf_counter() - t0
+  print(f"{base} {_peak_rss()} {dt}")
+
+
+def bench_memory():
+  with tempfile.TemporaryDirectory() as d:
+    n = _write_big_checkpoint(d)
+    files = [f for f in os.listdir(d) if f.endswith(".safetensors")]
+    disk = sum(os.path.getsize(os.path.join(d, f)) for f in files)
+    out = subprocess.run(
+        [sys.executable, __file__, "--_load", d],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    base, peak, dt = int(out[-3]), int(out[-2]), float(out[-1])
+  gib = 1024**3
+  print(
+      f"loading a {n / 1e9:.2f}B-parameter bfloat16 checkpoint in"
+      f" {len(files)} shards ({disk / gib:.2f} GiB on disk), {dt:.1f} s"
+  )
+  print(f"  peak RSS: {peak / gib:.2f} GiB (process baseline {base / gib:.2f})")
+  print(
+      f"  peak RSS above baseline / size on disk: {(peak - base) / disk:.2f}x"
+  )
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--skip_memory", action="store_true")
+  parser.add_argument("--skip_speed", action="store_true")
+  parser.add_argument("--_load", default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args._load:  # pylint: disable=protected-access
+    _load_and_report(args._load)  # pylint: disable=protected-access
+    return
+  if not args.skip_speed:
+    bench_speed(args.repeats)
+  if not args.skip_memory:
+    bench_memory()
+
+
+if __name__ == "__main__":
+  main()
