@@ -137,11 +137,7 @@ def collate(
   tp = bucket_for(max(len(e.prompt_ids) for e in examples), buckets.prompt, "")
   p = bucket_for(max(e.num_patches for e in examples), buckets.patches, "")
   resp_len = max(len(e.response_ids) for e in examples)
-  tr = (
-      min(buckets.response[-1], resp_len)
-      if truncate_response
-      else resp_len
-  )
+  tr = min(buckets.response[-1], resp_len) if truncate_response else resp_len
   tr = bucket_for(tr, buckets.response, "")
   unit = model_config.vision.merge_unit
   v = p // unit

@@ -252,7 +252,9 @@ def build_jsonl(
       description=f"JSONL files {files}",
       files=tuple(sorted(files.items())),
   )
-  builder = JsonlVqa(config=config, data_dir=data_dir, file_format="array_record")
+  builder = JsonlVqa(
+      config=config, data_dir=data_dir, file_format="array_record"
+  )
   mode = (
       tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
       if overwrite

@@ -173,9 +173,7 @@ def _text_field(rec, name: str, *, required: bool) -> str | None:
   return rec[name]
 
 
-def validate_record(
-    rec: Any, base_dir: str
-) -> tuple[dict[str, Any], int]:
+def validate_record(rec: Any, base_dir: str) -> tuple[dict[str, Any], int]:
   """Checks one parsed record; returns the stored record and boxes clipped.
 
   Raises:
@@ -203,7 +201,9 @@ def validate_record(
   if answer_type is None:
     answer_type = processing.infer_answer_type(answer)
   elif answer_type not in ANSWER_TYPES:
-    raise _Bad("answer_type", "bad_value", f"{answer_type!r} not in {ANSWER_TYPES}")
+    raise _Bad(
+        "answer_type", "bad_value", f"{answer_type!r} not in {ANSWER_TYPES}"
+    )
   reference = _text_field(rec, "reference_response", required=False) or ""
   family = _text_field(rec, "family", required=False) or ""
 
@@ -254,7 +254,9 @@ def validate_record(
   labels = rec.get("box_labels")
   if labels is None:
     labels = [""] * len(boxes)
-  if not isinstance(labels, list) or not all(isinstance(s, str) for s in labels):
+  if not isinstance(labels, list) or not all(
+      isinstance(s, str) for s in labels
+  ):
     raise _Bad("box_labels", "wrong_type", "expected a list of strings")
   if len(labels) != len(boxes):
     raise _Bad(
@@ -286,8 +288,9 @@ def _record_id(rec) -> str | None:
   return None
 
 
-def iter_jsonl(path: str, report: JsonlReport | None = None
-               ) -> Iterator[dict[str, Any]]:
+def iter_jsonl(
+    path: str, report: JsonlReport | None = None
+) -> Iterator[dict[str, Any]]:
   """Yields the good records of a JSONL file, filling `report`.
 
   Every skipped record is logged (one warning line: file, line, record id,
@@ -326,9 +329,7 @@ def iter_jsonl(path: str, report: JsonlReport | None = None
           raise _Bad("id", "duplicate_id", "seen on an earlier line")
         good, clipped = validate_record(rec, base_dir)
       except _Bad as bad:
-        problem = Problem(
-            path, line_no, rid, bad.field, bad.reason, bad.detail
-        )
+        problem = Problem(path, line_no, rid, bad.field, bad.reason, bad.detail)
         report.problems.append(problem)
         log.warning("skipping %s", problem)
         continue

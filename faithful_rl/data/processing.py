@@ -191,8 +191,9 @@ class Processor:
       consistency with the tokenizer and image processor).
   """
 
-  def __init__(self, tokenizer, image_processor, options=None,
-               model_config=None):
+  def __init__(
+      self, tokenizer, image_processor, options=None, model_config=None
+  ):
     self.tokenizer = tokenizer
     self.image_processor = image_processor
     self.options = options or ProcessorOptions()
@@ -411,13 +412,24 @@ class Processor:
     to_patch = list(resized)
     if has_boxes:
       gh, gw = grids_hw[box_image]
+      covered = targets_lib.evidence_token_mask(boxes_tok, gh, gw)
+      cf_image = targets_lib.counterfactual_image(
+          resized[box_image],
+          covered,
+          opts.counterfactual_fill,
+          token_pixels=s,
+          blur_radius=opts.blur_radius,
+      )
+      # Only the covered cells change: patchify just those, side by side in
+      # one s x (s * k) strip, whose merge groups come out in cell order.
+      cells = np.flatnonzero(covered)
       to_patch.append(
-          targets_lib.counterfactual_image(
-              resized[box_image],
-              targets_lib.evidence_token_mask(boxes_tok, gh, gw),
-              opts.counterfactual_fill,
-              token_pixels=s,
-              blur_radius=opts.blur_radius,
+          np.concatenate(
+              [
+                  cf_image[r * s : (r + 1) * s, c * s : (c + 1) * s]
+                  for r, c in zip(cells // gw, cells % gw)
+              ],
+              axis=1,
           )
       )
     pixel_values, grid_thw = self.patches(to_patch)
@@ -425,9 +437,11 @@ class Processor:
     n = sum(sizes[: len(resized)])
     cf_pixel_values = pixel_values[:n]
     if has_boxes:
-      start = sum(sizes[:box_image])
-      cf_pixel_values = cf_pixel_values.copy()
-      cf_pixel_values[start : start + sizes[box_image]] = pixel_values[n:]
+      unit = self.merge_size**2
+      start = sum(sizes[:box_image]) // unit
+      groups = cf_pixel_values.copy().reshape(-1, unit, self.patch_dim)
+      groups[start + cells] = pixel_values[n:].reshape(-1, unit, self.patch_dim)
+      cf_pixel_values = groups.reshape(n, self.patch_dim)
     pixel_values, grid_thw = pixel_values[:n], grid_thw[: len(resized)]
 
     question = text(record["question"])

@@ -232,8 +232,17 @@ class _Builder:
       base = base + self.rng.integers(-jitter, jitter + 1, size=3)
     return tuple(int(v) for v in np.clip(base, 0, 255))
 
-  def add(self, kind, colour, size, *, region=None, ok=None, digit=None,
-          required=True) -> int | None:
+  def add(
+      self,
+      kind,
+      colour,
+      size,
+      *,
+      region=None,
+      ok=None,
+      digit=None,
+      required=True,
+  ) -> int | None:
     taken = [o.box for o in self.objects]
     box = _place(
         self.rng, size, self.width, self.height, taken, region=region, ok=ok
@@ -247,13 +256,12 @@ class _Builder:
 
   def other_attrs(self, forbidden, shapes=SHAPES) -> tuple[str, str]:
     """A (colour, shape) pair not in `forbidden`."""
-    pairs = [
-        (c, s) for c in COLOURS for s in shapes if (c, s) not in forbidden
-    ]
+    pairs = [(c, s) for c in COLOURS for s in shapes if (c, s) not in forbidden]
     return pairs[int(self.rng.integers(len(pairs)))]
 
-  def distractors(self, forbidden, lo, hi, shapes=SHAPES, ok=None,
-                  digits=False, count=None) -> None:
+  def distractors(
+      self, forbidden, lo, hi, shapes=SHAPES, ok=None, digits=False, count=None
+  ) -> None:
     if count is None:
       count = int(self.rng.integers(0, self.cfg.max_distractors + 1))
     for _ in range(count):
@@ -403,9 +411,7 @@ def _arithmetic(b: _Builder):
       digits=True,
       count=int(b.rng.integers(0, min(1, b.cfg.max_distractors) + 1)),
   )
-  q = (
-      f"What is the sum of the numbers in the {c1} {s1} and the {c2} {s2}?"
-  )
+  q = f"What is the sum of the numbers in the {c1} {s1} and the {c2} {s2}?"
   r = (
       f"The {c1} {s1} shows {a} and the {c2} {s2} shows {total - a}."
       f" {a} + {total - a} = {total}."
@@ -453,8 +459,9 @@ _FAMILY_FNS = {
 }
 
 
-def sample_scene(rng: np.random.Generator, family: str,
-                 cfg: SyntheticConfig) -> Scene:
+def sample_scene(
+    rng: np.random.Generator, family: str, cfg: SyntheticConfig
+) -> Scene:
   """Draws one scene of `family` (every random choice of an example)."""
   width, height = cfg.image_sizes[int(rng.integers(len(cfg.image_sizes)))]
   background = tuple(int(v) for v in rng.integers(232, 256, size=3))
@@ -577,8 +584,9 @@ def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
   return np.random.default_rng([seed, SPLITS[split], index])
 
 
-def make_scene(cfg: SyntheticConfig, seed: int, split: str,
-               index: int) -> Scene:
+def make_scene(
+    cfg: SyntheticConfig, seed: int, split: str, index: int
+) -> Scene:
   family = cfg.families[index % len(cfg.families)]
   return sample_scene(example_rng(seed, split, index), family, cfg)
 
@@ -598,15 +606,23 @@ def scene_record(scene: Scene, example_id: str) -> dict[str, Any]:
   }
 
 
-def generate(cfg: SyntheticConfig, split: str, num_examples: int,
-             seed: int = 0, start: int = 0) -> Iterator[dict[str, Any]]:
+def generate(
+    cfg: SyntheticConfig,
+    split: str,
+    num_examples: int,
+    seed: int = 0,
+    start: int = 0,
+) -> Iterator[dict[str, Any]]:
   """Records `start .. start + num_examples - 1` of `split`, in order."""
   for i in range(start, start + num_examples):
     yield scene_record(make_scene(cfg, seed, split, i), f"{split}-{i:07d}")
 
 
-def corpus(cfg: SyntheticConfig = SyntheticConfig(),
-           num_examples: int = 3000, seed: int = 0) -> list[str]:
+def corpus(
+    cfg: SyntheticConfig = SyntheticConfig(),
+    num_examples: int = 3000,
+    seed: int = 0,
+) -> list[str]:
   """Questions and reference responses (no rendering), for tokenizers."""
   texts = []
   for i in range(num_examples):
@@ -620,13 +636,11 @@ def corpus(cfg: SyntheticConfig = SyntheticConfig(),
 # ---------------------------------------------------------------------------
 
 _SLOT_WORDS = (
-    list(COLOURS)
-    + list(SHAPES)
-    + [s + "s" for s in SHAPES]
-    + list(RELATIONS)
+    list(COLOURS) + list(SHAPES) + [s + "s" for s in SHAPES] + list(RELATIONS)
 )
-_SLOT_RE = re.compile(r"\b(" + "|".join(sorted(_SLOT_WORDS, key=len)[::-1])
-                      + r")\b")
+_SLOT_RE = re.compile(
+    r"\b(" + "|".join(sorted(_SLOT_WORDS, key=len)[::-1]) + r")\b"
+)
 
 
 def question_template(question: str) -> str:
@@ -682,8 +696,9 @@ def question_only_baseline(
   }
 
 
-def qa_triples(cfg: SyntheticConfig, split: str, num_examples: int,
-               seed: int = 0) -> list[tuple[str, str, str]]:
+def qa_triples(
+    cfg: SyntheticConfig, split: str, num_examples: int, seed: int = 0
+) -> list[tuple[str, str, str]]:
   """(family, question, answer) of a split's first examples (no rendering)."""
   out = []
   for i in range(num_examples):

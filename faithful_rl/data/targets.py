@@ -308,9 +308,7 @@ def token_pixel_mask(
 ) -> np.ndarray:
   """Pixels of the resized image inside the masked tokens' cells: bool[H, W]."""
   grid = np.asarray(token_mask, bool).reshape(grid_h, grid_w)
-  return np.repeat(
-      np.repeat(grid, token_pixels, axis=0), token_pixels, axis=1
-  )
+  return np.repeat(np.repeat(grid, token_pixels, axis=0), token_pixels, axis=1)
 
 
 FILLS = ("mean", "black", "gray", "blur")
@@ -358,7 +356,8 @@ def counterfactual_image(
     )
   pix = token_pixel_mask(covered_token_mask, gh, gw, token_pixels)
   if fill == "mean":
-    value = np.round(img.reshape(-1, 3).mean(axis=0)).astype(np.uint8)
+    total = img.reshape(-1, 3).sum(axis=0, dtype=np.int64)
+    value = np.round(total / (height * width)).astype(np.uint8)
     source = np.broadcast_to(value, img.shape)
   elif fill == "black":
     source = np.zeros_like(img)
