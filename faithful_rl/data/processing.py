@@ -154,10 +154,10 @@ def load_image(value) -> Image.Image:
   """A PIL image from encoded bytes, a path, a uint8 array or a PIL image."""
   if isinstance(value, Image.Image):
     return value
-  if isinstance(value, np.ndarray) and value.dtype == np.uint8:
-    if value.ndim == 0:
+  if isinstance(value, np.ndarray):
+    if value.ndim == 0:  # a numpy scalar holding bytes (TFDS object tensor)
       value = value.item()
-    else:
+    elif value.dtype == np.uint8:
       return Image.fromarray(value)
   if isinstance(value, (bytes, bytearray, memoryview)):
     img = Image.open(io.BytesIO(bytes(value)))
