@@ -22,6 +22,7 @@ setuptools.setup(
         "safetensors>=0.8",
         "tensorflow-datasets>=4.9.10",
         "array-record>=0.8",
+        "grain>=0.2.18",
         "pillow>=10",
         "ml-collections>=1.1",
         "einops>=0.8",

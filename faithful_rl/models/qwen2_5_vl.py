@@ -291,10 +291,21 @@ class Qwen2_5_VL(nnx.Module):  # pylint: disable=invalid-name
     return self.visual(vision)
 
   def scatter_images(
-      self, embeds: jax.Array, input_ids: jax.Array, image_embeds: jax.Array
+      self,
+      embeds: jax.Array,
+      input_ids: jax.Array,
+      image_embeds: jax.Array,
+      image_mask: jax.Array | None = None,
   ) -> jax.Array:
-    """Puts the k-th visual token of row b at row b's k-th image token."""
+    """Puts the k-th visual token of row b at row b's k-th image token.
+
+    `image_mask` bool[B, T] names the positions that receive visual tokens
+    (default: every `<|image_pad|>`); responses pass the prompt's, so an
+    image token the policy happens to sample stays a plain token.
+    """
     is_img = input_ids == self.config.image_token_id
+    if image_mask is not None:
+      is_img = image_mask.astype(jnp.bool_)
     idx = jnp.clip(jnp.cumsum(is_img, axis=-1) - 1, 0, None)
     gathered = jnp.take_along_axis(image_embeds, idx[..., None], axis=1)
     return jnp.where(is_img[..., None], gathered.astype(embeds.dtype), embeds)
@@ -329,6 +340,7 @@ class Qwen2_5_VL(nnx.Module):  # pylint: disable=invalid-name
       image_grid_thw: Any = None,
       image_embeds: jax.Array | None = None,
       inputs_embeds: jax.Array | None = None,
+      image_mask: jax.Array | None = None,
       attention_probe: AttentionProbe | None = None,
       cache: KVCache | None = None,
       cache_index: Any = 0,
@@ -350,6 +362,8 @@ class Qwen2_5_VL(nnx.Module):  # pylint: disable=invalid-name
       image_embeds: precomputed `encode_images` output [B, V, D] (skips
         the vision tower, e.g. when decoding with a cache).
       inputs_embeds: precomputed input embeddings [B, T, D].
+      image_mask: bool[B, T], positions that receive visual tokens
+        (default: the `<|image_pad|>` tokens).
       attention_probe: rows/columns of attention to return.
       cache: a KVCache to write into and attend over.
       cache_index: first cache slot of the T new tokens (int or scalar).
@@ -399,7 +413,7 @@ class Qwen2_5_VL(nnx.Module):  # pylint: disable=invalid-name
       image_embeds = self.encode_images(vision)
     if image_embeds is not None:
       inputs_embeds = self.scatter_images(
-          inputs_embeds, input_ids, image_embeds
+          inputs_embeds, input_ids, image_embeds, image_mask
       )
 
     query_slots = cache_index + jnp.arange(t, dtype=jnp.int32)

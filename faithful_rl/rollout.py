@@ -1,0 +1,404 @@
+"""Rollout: jitted KV-cache sampling for Qwen-VL, and teacher-forced scoring.
+
+`sample(model, batch, rng, config)` runs one compiled program per bucket:
+vision encoding and prompt prefill once per prompt, the KV cache repeated
+for the G samples of each prompt, then a `lax.while_loop` that decodes one
+token per step and stops as soon as every sequence has emitted a stop token.
+
+The returned log-probabilities are those of the training forward by
+construction: both use this package's one model, the same M-RoPE positions
+(a decoded token's position is the prompt's max position + 1 + step, i.e.
+HF's rope delta), and the same float32 log-softmax of logits / temperature.
+`score` recomputes them teacher-forced, over any image (the counterfactual
+branch of Faithful-MR1 and VPPO reuses the sampled tokens under another
+image without sampling again).
+
+Batch layout (from `faithful_rl.data.batching`; B prompts):
+  prompt_ids int32[B, Tp] (left-padded), prompt_mask [B, Tp],
+  position_ids int32[3, B, Tp], vision: VisionInputs or absent.
+Outputs are per sample, prompt-major: row b * G + g is sample g of prompt b.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from faithful_rl import losses
+from faithful_rl.models.qwen2_5_vl import AttentionProbe
+from faithful_rl.models.qwen2_5_vl import KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to sample (hashable: part of the compile-cache key).
+
+  Attributes:
+    num_samples: G, responses per prompt.
+    max_new_tokens: R, the response length bucket.
+    temperature: logits are divided by it (ignored when greedy).
+    top_k: keep the k most likely tokens (0: off).
+    top_p: keep the smallest set with cumulative probability >= p (1: off).
+    greedy: argmax decoding.
+    stop_tokens: ids that end a response (included in it).
+    pad_token: written after a response has ended.
+  """
+
+  num_samples: int = 1
+  max_new_tokens: int = 64
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  greedy: bool = False
+  stop_tokens: tuple[int, ...] = ()
+  pad_token: int = 0
+
+  @classmethod
+  def from_config(cls, cfg, **overrides) -> "SamplingConfig":
+    """From an ml_collections block with the same field names."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in dict(cfg).items() if k in fields}
+    kwargs.update(overrides)
+    if "stop_tokens" in kwargs:
+      kwargs["stop_tokens"] = tuple(int(t) for t in kwargs["stop_tokens"])
+    return cls(**kwargs)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Rollout:
+  """Sampled responses, one row per sample (prompt-major).
+
+  Attributes:
+    tokens: int32[N, R], pad after the stop token.
+    logprobs: float32[N, R], log pi(token) at the sampling temperature.
+    mask: bool[N, R], real response tokens (the stop token included).
+    truncated: bool[N], no stop token within R tokens.
+    lengths: int32[N].
+  """
+
+  tokens: jax.Array
+  logprobs: jax.Array
+  mask: jax.Array
+  truncated: jax.Array
+  lengths: jax.Array
+
+
+# ---------------------------------------------------------------------------
+# Token selection.
+# ---------------------------------------------------------------------------
+
+
+def filter_logits(scaled: jax.Array, *, top_k: int, top_p: float) -> jax.Array:
+  """Sets logits outside the top-k / top-p set to -inf (k first, as HF).
+
+  Ties at the threshold are kept, so the set may exceed k by exact ties.
+  """
+  neg = jnp.finfo(scaled.dtype).min
+  if top_k and top_k < scaled.shape[-1]:
+    kth = jax.lax.top_k(scaled, top_k)[0][..., -1:]
+    scaled = jnp.where(scaled < kth, neg, scaled)
+  if top_p < 1.0:
+    desc = jnp.sort(scaled, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above
+    keep = before < top_p
+    n_keep = jnp.maximum(keep.sum(-1, keepdims=True), 1)
+    threshold = jnp.take_along_axis(desc, n_keep - 1, axis=-1)
+    scaled = jnp.where(scaled < threshold, neg, scaled)
+  return scaled
+
+
+def select_tokens(
+    rng: jax.Array, logits: jax.Array, config: SamplingConfig
+) -> tuple[jax.Array, jax.Array]:
+  """Draws one token per row; returns (tokens, log pi(token)).
+
+  The log-probability is that of the temperature-scaled distribution before
+  top-k/top-p filtering: the quantity the training step recomputes.
+  """
+  logits = logits.astype(jnp.float32)
+  temp = 1.0 if config.greedy else config.temperature
+  scaled = logits / temp
+  logp = jax.nn.log_softmax(scaled, axis=-1)
+  if config.greedy:
+    tokens = jnp.argmax(logits, axis=-1)
+  else:
+    filtered = filter_logits(scaled, top_k=config.top_k, top_p=config.top_p)
+    tokens = jax.random.categorical(rng, filtered, axis=-1)
+  tokens = tokens.astype(jnp.int32)
+  return tokens, jnp.take_along_axis(logp, tokens[..., None], -1)[..., 0]
+
+
+# ---------------------------------------------------------------------------
+# The sampling program.
+# ---------------------------------------------------------------------------
+
+
+def _repeat(x, g):
+  return jax.tree.map(lambda a: jnp.repeat(a, g, axis=0), x)
+
+
+def _sample_program(model, batch: dict, rng: jax.Array, config: SamplingConfig):
+  """The whole rollout for one batch (traced once per bucket)."""
+  ids = batch["prompt_ids"]
+  prompt_mask = batch["prompt_mask"].astype(jnp.bool_)
+  pos = batch["position_ids"]
+  b, tp = ids.shape
+  g, r = config.num_samples, config.max_new_tokens
+  s = tp + r
+  dtype = model.dtype
+  image_embeds = None
+  if batch.get("vision") is not None:
+    image_embeds = model.encode_images(batch["vision"])
+  cache = KVCache.zeros(model.config.text, b, s, dtype)
+  kv_mask = jnp.concatenate([prompt_mask, jnp.zeros((b, r), jnp.bool_)], 1)
+  out = model(
+      ids,
+      attention_mask=kv_mask,
+      position_ids=pos,
+      image_embeds=image_embeds,
+      cache=cache,
+      cache_index=0,
+      return_logits=False,
+  )
+  last = model.logits(out.hidden[:, -1])  # left padding: last is real
+  next_pos = pos.max(axis=(0, 2)) + 1  # [B]
+  cache, kv_mask, last, next_pos = _repeat(
+      (out.cache, kv_mask, last, next_pos), g
+  )
+  n = b * g
+  stop = jnp.asarray(config.stop_tokens or (-1,), jnp.int32)
+
+  def cond(state):
+    step, done = state[0], state[4]
+    return (step < r) & ~jnp.all(done)
+
+  def body(state):
+    step, tokens, logprobs, mask, done, cache, kv_mask, logits, rng = state
+    rng, key = jax.random.split(rng)
+    tok, lp = select_tokens(key, logits, config)
+    tok = jnp.where(done, config.pad_token, tok)
+    lp = jnp.where(done, 0.0, lp)
+    tokens = tokens.at[:, step].set(tok)
+    logprobs = logprobs.at[:, step].set(lp)
+    mask = mask.at[:, step].set(~done)
+    done = done | jnp.isin(tok, stop)
+    kv_mask = kv_mask.at[:, tp + step].set(True)
+    step_pos = jnp.broadcast_to((next_pos + step)[None, :, None], (3, n, 1))
+    out = model(
+        tok[:, None],
+        attention_mask=kv_mask,
+        position_ids=step_pos,
+        cache=cache,
+        cache_index=tp + step,
+        return_logits=False,
+    )
+    logits = model.logits(out.hidden[:, 0])
+    return (step + 1, tokens, logprobs, mask, done, out.cache, kv_mask,
+            logits, rng)  # fmt: skip
+
+  init = (
+      jnp.int32(0),
+      jnp.full((n, r), config.pad_token, jnp.int32),
+      jnp.zeros((n, r), jnp.float32),
+      jnp.zeros((n, r), jnp.bool_),
+      jnp.zeros((n,), jnp.bool_),
+      cache,
+      kv_mask,
+      last,
+      rng,
+  )
+  final = jax.lax.while_loop(cond, body, init)
+  tokens, logprobs, mask, done = final[1], final[2], final[3], final[4]
+  return Rollout(
+      tokens=tokens,
+      logprobs=logprobs,
+      mask=mask,
+      truncated=~done,
+      lengths=mask.sum(-1).astype(jnp.int32),
+  )
+
+
+# ---------------------------------------------------------------------------
+# Teacher-forced scoring (the training forward).
+# ---------------------------------------------------------------------------
+
+
+def response_inputs(
+    batch: dict, tokens: jax.Array, mask: jax.Array, g: int, image_token_id: int
+):
+  """Prompt (repeated G times) + response as one sequence.
+
+  Returns:
+    dict(input_ids [N, Tp+R], attention_mask, image_mask (the prompt's image
+    tokens only), position_ids [3, N, Tp+R], vision (repeated),
+    response_start = Tp).
+  """
+  ids = jnp.repeat(batch["prompt_ids"], g, axis=0)
+  pmask = jnp.repeat(batch["prompt_mask"], g, axis=0).astype(jnp.bool_)
+  pos = jnp.repeat(batch["position_ids"], g, axis=1)
+  r = tokens.shape[1]
+  next_pos = pos.max(axis=(0, 2)) + 1
+  rpos = next_pos[:, None] + jnp.arange(r, dtype=pos.dtype)[None]
+  is_img = ids == image_token_id
+  return dict(
+      input_ids=jnp.concatenate([ids, tokens.astype(ids.dtype)], 1),
+      image_mask=jnp.concatenate([is_img, jnp.zeros(tokens.shape, bool)], 1),
+      attention_mask=jnp.concatenate([pmask, mask.astype(jnp.bool_)], 1),
+      position_ids=jnp.concatenate(
+          [pos, jnp.broadcast_to(rpos[None], (3,) + rpos.shape)], 2
+      ),
+      vision=None
+      if batch.get("vision") is None
+      else _repeat(batch["vision"], g),
+      response_start=ids.shape[1],
+  )
+
+
+def score(
+    model,
+    batch: dict,
+    tokens: jax.Array,
+    mask: jax.Array,
+    *,
+    num_samples: int,
+    temperature: float = 1.0,
+    vision: Any = "same",
+    probe: AttentionProbe | None = None,
+    chunk: int = 128,
+    image_embeds: jax.Array | None = None,
+):
+  """Teacher-forced log-probs of responses: the training forward.
+
+  Args:
+    model: the policy.
+    batch: the prompt batch the responses were sampled from.
+    tokens: int32[N, R] responses (N = B * num_samples).
+    mask: bool[N, R] real response tokens.
+    num_samples: G.
+    temperature: divides the logits (use the sampling temperature).
+    vision: "same" (the batch's images), None (no images), or another
+      `VisionInputs` for the B prompts (e.g. the counterfactual images).
+    probe: an attention probe whose query positions index the response
+      (0 = first response token); they are offset to the full sequence.
+    chunk: positions per log-softmax chunk (never [N, T, V] at once).
+    image_embeds: precomputed visual tokens for the N rows (skips the
+      vision tower).
+
+  Returns:
+    (logprobs float32[N, R], entropy float32[N, R], model output).
+  """
+  seq = response_inputs(
+      batch, tokens, mask, num_samples, model.config.image_token_id
+  )
+  if vision != "same":
+    seq["vision"] = None if vision is None else _repeat(vision, num_samples)
+  start = seq["response_start"]
+  if probe is not None:
+    probe = dataclasses.replace(
+        probe, query_positions=probe.query_positions + start
+    )
+  out = model(
+      seq["input_ids"],
+      attention_mask=seq["attention_mask"],
+      position_ids=seq["position_ids"],
+      image_mask=seq["image_mask"],
+      vision=None if image_embeds is not None else seq["vision"],
+      image_embeds=image_embeds,
+      attention_probe=probe,
+      return_logits=False,
+  )
+  r = tokens.shape[1]
+  hidden = out.hidden[:, start - 1 : start - 1 + r]  # predicts tokens
+  logp, ent = losses.chunked_token_logprobs(
+      hidden,
+      model.head_weight(),
+      tokens,
+      chunk=min(chunk, r),
+      temperature=temperature,
+  )
+  return logp, ent, out
+
+
+# ---------------------------------------------------------------------------
+# The engine: one compiled program per bucket.
+# ---------------------------------------------------------------------------
+
+
+def _shape_key(tree) -> tuple:
+  leaves, treedef = jax.tree.flatten(tree)
+  return (treedef,) + tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
+
+
+class Engine:
+  """Compiles `sample` once per (model, bucket, sampling config).
+
+  Attributes:
+    compilations: how many programs were compiled so far (tests read it).
+  """
+
+  def __init__(
+      self,
+      *,
+      prompt_buckets: Sequence[int] | None = None,
+      patch_buckets: Sequence[int] | None = None,
+  ):
+    self.prompt_buckets = tuple(sorted(prompt_buckets or ()))
+    self.patch_buckets = tuple(sorted(patch_buckets or ()))
+    self._programs: dict[Any, Any] = {}
+    self.compilations = 0
+
+  def check_bucket(self, batch: dict) -> None:
+    tp = batch["prompt_ids"].shape[1]
+    if self.prompt_buckets and tp not in self.prompt_buckets:
+      raise ValueError(
+          f"prompt length {tp} is not a bucket {self.prompt_buckets}; pad"
+          " batches with faithful_rl.data.batching"
+      )
+    vision = batch.get("vision")
+    if vision is not None and self.patch_buckets:
+      p = vision.pixel_values.shape[1]
+      if p not in self.patch_buckets:
+        raise ValueError(
+            f"patch count {p} is not a bucket {self.patch_buckets}"
+        )
+
+  def sample(
+      self, model, batch: dict, rng: jax.Array, config: SamplingConfig
+  ) -> Rollout:
+    batch = {k: v for k, v in batch.items() if k in _BATCH_KEYS}
+    self.check_bucket(batch)
+    graphdef, state = nnx.split(model)
+    key = (graphdef, config, _shape_key(state), _shape_key(batch))
+    program = self._programs.get(key)
+    if program is None:
+
+      def fn(state, batch, rng):
+        return _sample_program(nnx.merge(graphdef, state), batch, rng, config)
+
+      program = jax.jit(fn).lower(state, batch, rng).compile()
+      self._programs[key] = program
+      self.compilations += 1
+    return program(state, batch, rng)
+
+
+_BATCH_KEYS = ("prompt_ids", "prompt_mask", "position_ids", "vision")
+_DEFAULT_ENGINE = Engine()
+
+
+def sample(
+    model, batch: dict, rng: jax.Array, config: SamplingConfig
+) -> Rollout:
+  """Samples `config.num_samples` responses per prompt (see module doc)."""
+  return _DEFAULT_ENGINE.sample(model, batch, rng, config)
+
+
+def sample_traced(model, batch: dict, rng: jax.Array, config: SamplingConfig):
+  """`sample` for use inside an enclosing jit (no compile cache)."""
+  return _sample_program(model, batch, rng, config)
