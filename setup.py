@@ -28,6 +28,7 @@ setuptools.setup(
         "einops>=0.8",
         "numpy>=2",
         "tqdm",
+        "absl-py",
         "tensorboardX",
         "math-verify>=0.9",
         "matplotlib",

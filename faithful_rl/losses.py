@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from faithful_rl.data.targets import ease_target  # noqa: F401  (public name)
+
 Array = jax.Array
 Metrics = dict[str, Array]
 
@@ -500,8 +502,12 @@ def attention_kl(
   return _kl(a, t, valid, eps)
 
 
-def _attention_diagnostics(a: Array, evidence: Array, valid: Array):
-  """Evidence mass float32[B] and pointing-game hit bool[B] of a[B, V]."""
+def attention_diagnostics(a: Array, evidence: Array, valid: Array):
+  """Evidence mass float32[B] and pointing-game hit bool[B] of a[B, V].
+
+  Mass: share of the (valid) visual attention inside the evidence tokens.
+  Hit: the most-attended valid visual token is an evidence token.
+  """
   ev = jnp.asarray(evidence).astype(bool) & valid
   a = jnp.where(valid, a, 0.0)
   mass = jnp.sum(jnp.where(ev, a, 0.0), -1) / jnp.maximum(a.sum(-1), 1e-12)
@@ -581,7 +587,7 @@ def ease_loss(
   }
   if evidence_mask is not None:
     a = trajectory_attention(attention=sg(att), eps=eps, **kw)
-    mass, hit = _attention_diagnostics(a, evidence_mask, valid)
+    mass, hit = attention_diagnostics(a, evidence_mask, valid)
     has_ev = jnp.any(jnp.asarray(evidence_mask).astype(bool) & valid, -1)
     metrics["evidence_mass"] = masked_mean(mass, has_ev)
     metrics["pointing_hit"] = masked_mean(hit, has_ev)
@@ -686,7 +692,7 @@ def anchor_loss(
   dist = trajectory_attention(
       attention=sg(a), valid=valid, renormalize=renormalize, eps=eps
   )
-  mass, hit = _attention_diagnostics(dist, support, valid)
+  mass, hit = attention_diagnostics(dist, support, valid)
   metrics = {
       "anchor_kl": sg(loss),
       "anchor_coverage": jnp.mean(has_t.astype(jnp.float32)),

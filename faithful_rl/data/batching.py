@@ -318,13 +318,18 @@ class BatchIterator(grain.DatasetIterator):
       return False
     return True
 
-  def __next__(self) -> Batch:
+  def next_examples(self, k: int) -> list[Example]:
+    """Up to k processed examples that fit the buckets (fewer at the end)."""
     examples: list[Example] = []
-    while len(examples) < self.batch_size:
-      indices = self._next_indices(self.batch_size - len(examples))
+    while len(examples) < k:
+      indices = self._next_indices(k - len(examples))
       if not indices:
         break
       examples += [ex for ex in self._process(indices) if self._keep(ex)]
+    return examples
+
+  def __next__(self) -> Batch:
+    examples = self.next_examples(self.batch_size)
     if not examples or (
         len(examples) < self.batch_size and self.drop_remainder
     ):

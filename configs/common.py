@@ -1,0 +1,200 @@
+"""The base config every experiment starts from, and shared helpers.
+
+Every method switch of ../shared/METHODS.md lives here with its default;
+a config file overrides what it needs and documents why.
+"""
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults):
+  """'variant=7b,runlocal' -> ConfigDict(variant='7b', runlocal=True, ...)."""
+  out = ml_collections.ConfigDict(defaults)
+  for part in (arg or "").split(","):
+    if not part:
+      continue
+    key, _, value = part.partition("=")
+    if not value:
+      out[key] = True
+    elif isinstance(defaults.get(key), bool):
+      out[key] = value.lower() in ("1", "true", "yes")
+    elif isinstance(defaults.get(key), int):
+      out[key] = int(value)
+    else:
+      out[key] = value
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.mesh = dict(data=1, fsdp=-1, tensor=1)
+  c.distributed = False
+
+  # ---- Model: a local HF folder, or a tiny model from scratch. ----
+  c.model = ml_collections.ConfigDict()
+  c.model.init = "hf"  # 'hf' (from_pretrained) | 'scratch'
+  c.model.hf_dir = ""
+  c.model.dtype = "bfloat16"
+  c.model.scratch = ml_collections.ConfigDict()  # TextConfig/VisionConfig
+
+  # ---- Data. ----
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "evidence_vqa"  # TFDS name: evidence_vqa[/cfg], jsonl_vqa/x
+  c.data.data_dir = ""  # default: <workdir>/../tfds, built on first use
+  c.data.jsonl = ml_collections.ConfigDict()  # split -> path (jsonl data)
+  c.data.synthetic = ml_collections.ConfigDict()  # EvidenceVqaConfig knobs
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.test_split = "test"
+  c.data.prompt_buckets = (64, 128, 256)
+  c.data.patch_buckets = (64, 256, 1024)
+  c.data.response_buckets = (32, 64, 128)
+  c.data.on_overflow = "skip"  # 'error' names the record and stops
+  c.data.num_threads = 0
+  c.data.processor = ml_collections.ConfigDict(
+      dict(
+          instruction="Put the final answer in \\boxed{}.",
+          focus_token=False,
+          sigma_scale=0.25,  # EASE sigma = 0.25 * box side
+          ease_alpha=0.1,  # EASE uniform mixing
+          focus_alpha=0.0,  # Faithful-MR1 focus target smoothing
+          counterfactual_fill="mean",  # [open] mean | black | gray | blur
+      )
+  )
+
+  # ---- Stages, run in order; steps are global across stages. ----
+  c.stages = ("rl",)
+
+  # ---- SFT (and Faithful-MR1 Anchoring). ----
+  c.sft = ml_collections.ConfigDict()
+  c.sft.steps = 0
+  c.sft.batch_size = 64
+  c.sft.optim = dict(
+      lr=1e-5, warmup_steps=10, decay="cosine", weight_decay=0.0,
+      grad_clip=1.0, b2=0.999, groups=(),
+  )  # fmt: skip
+  c.sft.anchor = dict(
+      enabled=False, weight=0.1, layers=(), renormalize=True,
+      direction="target_to_model",
+  )  # fmt: skip
+
+  # ---- RL. ----
+  c.rl = ml_collections.ConfigDict()
+  c.rl.algorithm = "dapo"  # grpo | dapo | vppo (sets the defaults below)
+  c.rl.steps = 0
+  c.rl.num_prompts = 32  # prompts per training batch (B)
+  c.rl.num_samples = 8  # G
+  c.rl.ppo_epochs = 1
+  c.rl.num_minibatches = 1
+  c.rl.clip_low = 0.2
+  c.rl.clip_high = 0.28
+  c.rl.aggregation = "token-mean"
+  c.rl.kl_beta = 0.0
+  c.rl.std_mode = "sample"  # [open] group std: sample (verl) | population
+  c.rl.scale_advantages = True  # False: Dr.GRPO (no std division)
+  c.rl.dynamic_sampling = True
+  c.rl.gen_prompts = 32  # prompts per generation round
+  c.rl.max_rounds = 3
+  c.rl.overlong = "shaping"  # shaping | filter | none
+  c.rl.overlong_cache = 8  # L_cache (tokens)
+  c.rl.format_weight = 0.0
+  c.rl.sampling = dict(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=64)
+  c.rl.optim = dict(
+      lr=1e-6, warmup_steps=10, decay="constant", weight_decay=0.1,
+      grad_clip=1.0, b2=0.999, groups=(),
+  )  # fmt: skip
+  c.rl.ease = dict(
+      enabled=False, weight=0.001, tau=0.5, gate=True, layers=(),
+      num_queries=64, renormalize=True, direction="target_to_model",
+      no_box="uniform",
+  )  # fmt: skip
+  c.rl.reinforce = dict(
+      enabled=False, lambda_attn=0.1, test="logprob_drop", margin=0.0,
+      layers=(), num_queries=64,
+  )  # fmt: skip
+  c.rl.vppo = dict(enabled=False, drop_prob=0.5, topk=0.4, beta_min=0.9)
+
+  # ---- Evaluation, logging, checkpoints. ----
+  c.eval = dict(every=100, num_examples=256, batch_size=64, final_examples=0)
+  c.log_every = 10
+  c.ckpt = dict(every=100, keep=2, async_save=True)
+  c.debug = dict(nan_at_step=-1)  # fault injection for tests
+  return c
+
+
+def set_algorithm(c, algorithm: str):
+  """GRPO / DAPO / VPPO defaults (METHODS 1, 2, 5)."""
+  c.rl.algorithm = algorithm
+  if algorithm == "grpo":
+    c.rl.clip_low, c.rl.clip_high = 0.2, 0.2
+    c.rl.aggregation = "seq-mean-token-mean"
+    c.rl.kl_beta = 0.04
+    c.rl.dynamic_sampling = False
+    c.rl.overlong = "none"
+  elif algorithm in ("dapo", "vppo"):
+    c.rl.clip_low, c.rl.clip_high = 0.2, 0.28
+    c.rl.aggregation = "token-mean"
+    c.rl.kl_beta = 0.0
+    c.rl.dynamic_sampling = True
+    c.rl.overlong = "shaping"
+    c.rl.vppo.enabled = algorithm == "vppo"
+  else:
+    raise ValueError(f"unknown algorithm {algorithm!r}")
+  return c
+
+
+def qwen2_5_vl_real(c, arg):
+  """Settings shared by the real-checkpoint recipes (3B / 7B)."""
+  c.model.init = "hf"
+  c.model.hf_dir = arg.hf_dir
+  c.model.dtype = "bfloat16"
+  c.data.name = "jsonl_vqa/user" if arg.data else "evidence_vqa/mixed_sizes"
+  if arg.data:
+    c.data.jsonl = {"train": arg.data}
+    if arg.eval_data:
+      c.data.jsonl["validation"] = arg.eval_data
+      c.data.jsonl["test"] = arg.eval_data
+  c.data.prompt_buckets = (512, 1024, 2048)
+  c.data.patch_buckets = (1024, 4096, 16384)
+  c.data.response_buckets = (256, 512, 1024)
+  c.data.processor.max_pixels = 1280 * 28 * 28
+  c.rl.num_prompts = 512 if arg.variant == "7b" else 256
+  c.rl.gen_prompts = 3 * c.rl.num_prompts
+  c.rl.max_rounds = 10
+  c.rl.num_samples = 16
+  c.rl.num_minibatches = 16
+  c.rl.sampling = dict(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=1024)
+  c.rl.overlong_cache = 256
+  c.rl.optim.lr = 1e-6
+  c.rl.optim.warmup_steps = 10
+  c.rl.optim.weight_decay = 0.1
+  c.rl.optim.groups = ((r"^visual/", 0.0),)  # the vision tower is frozen
+  c.rl.steps = 200
+  c.eval = dict(every=25, num_examples=512, batch_size=64, final_examples=0)
+  c.ckpt = dict(every=25, keep=3, async_save=True)
+  if arg.runlocal:
+    runlocal(c)
+  return c
+
+
+def runlocal(c):
+  """Shrinks anything to run on a laptop CPU in a minute or two."""
+  c.model.dtype = "float32"
+  c.data.prompt_buckets = (64, 128)
+  c.data.patch_buckets = (64, 256)
+  c.data.response_buckets = (16, 32)
+  c.sft.steps = min(c.sft.steps, 4) if c.sft.steps else 0
+  c.sft.batch_size = 4
+  c.rl.steps = min(c.rl.steps, 2)
+  c.rl.num_prompts = 4
+  c.rl.gen_prompts = 4
+  c.rl.max_rounds = 2
+  c.rl.num_samples = 4
+  c.rl.num_minibatches = 1
+  c.rl.sampling.max_new_tokens = 16
+  c.rl.overlong_cache = 4
+  c.eval = dict(every=2, num_examples=8, batch_size=8, final_examples=8)
+  c.ckpt = dict(every=2, keep=2, async_save=False)
+  c.log_every = 1
+  return c

@@ -1,0 +1,125 @@
+"""Orbax checkpoints of a run: train state, data position, run metadata.
+
+A checkpoint holds {params, opt_state, step} (restored straight onto their
+shardings), the data iterators' states and the host-side counters as JSON,
+and the run's config. Orbax writes each step into a temporary folder and
+renames it when complete, so a crash mid-write leaves the previous
+checkpoint as the latest loadable one. The config saved in the workdir is
+compared with a resumed run's: a different model is an error that names
+the differing keys, before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+# Config sections whose change makes a workdir's checkpoints unusable.
+COMPATIBILITY_KEYS = ("model",)
+
+
+class IncompatibleWorkdir(RuntimeError):
+  """The workdir holds a run of a different model/config."""
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  if isinstance(d, dict):
+    for k, v in d.items():
+      out.update(flatten(v, f"{prefix}{k}."))
+  else:
+    out[prefix[:-1]] = d
+  return out
+
+
+def check_compatible(workdir: str, config_dict: dict) -> None:
+  """Writes `config.json` on a fresh workdir, or checks it matches."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(config_dict, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+    return
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise IncompatibleWorkdir(f"{path}: unreadable run config: {e}") from e
+  current = json.loads(json.dumps(config_dict, default=str))
+  diffs = []
+  for key in COMPATIBILITY_KEYS:
+    a, b = flatten(saved.get(key, {})), flatten(current.get(key, {}))
+    for k in sorted(set(a) | set(b)):
+      if a.get(k) != b.get(k):
+        diffs.append(f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
+  if diffs:
+    raise IncompatibleWorkdir(
+        f"{os.path.dirname(path)} holds a run with a different model"
+        f" ({'; '.join(diffs[:6])}). Use a new --workdir, or restore the"
+        " original settings."
+    )
+
+
+class Checkpoints:
+  """CheckpointManager over `workdir/checkpoints`, keeping the last N."""
+
+  def __init__(self, workdir: str, *, keep: int = 2, async_save: bool = True):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        enable_async_checkpointing=async_save,
+        create=True,
+    )
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, host: dict[str, Any]) -> None:
+    """Saves the train state pytree and the JSON-able host state."""
+    self.manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            host=ocp.args.JsonSave(host),
+        ),
+        force=True,
+    )
+    crash_at = os.environ.get("FAITHFUL_RL_TEST_CRASH_IN_SAVE")
+    if crash_at and int(crash_at) == step:
+      # Test hook: die while this checkpoint is being written.
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  def restore(self, step: int, abstract_state: Any):
+    """(state, host) of `step`, the state placed as `abstract_state` says."""
+    out = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            host=ocp.args.JsonRestore(),
+        ),
+    )
+    return out["state"], out["host"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs with shardings, the restore target of `tree`."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      tree,
+      shardings,
+  )

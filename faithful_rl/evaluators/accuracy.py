@@ -1,0 +1,183 @@
+"""Held-out evaluation: greedy answers, accuracy, and where the model looks.
+
+For every example of a split (read in order, no shuffling), the policy
+answers greedily; the answer is verified against the reference. The same
+responses are then scored teacher-forced with the attention probe on up to
+K response rows, giving per example the evidence attention mass (share of
+visual attention on tokens inside the evidence boxes) and the pointing
+game (is the most-attended visual token inside a box). Metrics are means
+over examples (attention metrics over examples that have boxes), overall
+and per task family.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from faithful_rl import losses
+from faithful_rl import rewards as rewards_lib
+from faithful_rl import rollout
+from faithful_rl import sharding
+from faithful_rl.data import batching
+from faithful_rl.models.qwen2_5_vl import AttentionProbe
+from faithful_rl.models.qwen2_5_vl import visual_token_positions
+
+
+class Head:
+  """The first n records of a random-access source."""
+
+  def __init__(self, source, n: int):
+    self.source, self.n = source, n
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    if not 0 <= i < self.n:
+      raise IndexError(i)
+    return self.source[i]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeSpec:
+  layers: tuple[int, ...]
+  num_queries: int = 64
+
+
+def _attention_stats(params, graphdef, batch, tokens, mask, spec: ProbeSpec):
+  model = nnx.merge(graphdef, params)
+  v = batch["evidence_mask"].shape[1]
+  kpos, kvalid = visual_token_positions(
+      batch["prompt_ids"], model.config.image_token_id, v
+  )
+  k = min(spec.num_queries, tokens.shape[1])
+  qpos, qvalid = losses.sample_query_rows(jax.random.key(0), mask, k=k)
+  probe = AttentionProbe(
+      query_positions=qpos,
+      key_positions=kpos,
+      key_valid=kvalid,
+      layers=spec.layers,
+  )
+  prompt = {
+      key: batch[key]
+      for key in ("prompt_ids", "prompt_mask", "position_ids", "vision")
+  }
+  _, _, out = rollout.score(
+      model, prompt, tokens, mask, num_samples=1, probe=probe
+  )
+  a = losses.trajectory_attention(
+      attention=out.visual_attention, valid=kvalid, query_mask=qvalid
+  )
+  mass, hit = losses.attention_diagnostics(a, batch["evidence_mask"], kvalid)
+  return mass, hit, a
+
+
+_attention_stats_jit = jax.jit(_attention_stats, static_argnums=(1, 5))
+
+
+def evaluate(
+    model,
+    source,
+    processor,
+    *,
+    engine: rollout.Engine,
+    max_new_tokens: int,
+    batch_size: int,
+    buckets: batching.Buckets,
+    num_examples: int | None = None,
+    probe_layers: tuple[int, ...] = (),
+    mesh=None,
+    num_samples_to_show: int = 4,
+) -> dict[str, Any]:
+  """Greedy accuracy and attention diagnostics on `source`.
+
+  Returns:
+    {"accuracy", "format", "response_length", "evidence_mass",
+     "pointing_hit", "accuracy/<family>", ..., "num_examples"} and
+    "samples": a few (question, response, answer, correct) for display.
+  """
+  cfg = model.config
+  if num_examples is not None and num_examples < len(source):
+    source = Head(source, num_examples)
+  it = batching.BatchIterator(
+      source,
+      processor,
+      batch_size=batch_size,
+      model_config=cfg,
+      buckets=buckets,
+      shuffle=False,
+      num_epochs=1,
+      drop_remainder=False,
+      on_overflow="skip",
+  )
+  layers = tuple(probe_layers) or (cfg.default_probe_layer,)
+  sampling = rollout.SamplingConfig(
+      num_samples=1,
+      max_new_tokens=max_new_tokens,
+      greedy=True,
+      stop_tokens=(processor.ids.im_end,),
+      pad_token=processor.ids.pad,
+  )
+  graphdef, params = nnx.split(model)
+  params = nnx.to_pure_dict(params)
+  stats = collections.defaultdict(list)
+  samples = []
+  seen = 0
+  for batch in it:
+    arrays, meta = batch.arrays, batch.meta
+    n = len(meta["ids"])
+    prompt = {
+        k: arrays[k]
+        for k in ("prompt_ids", "prompt_mask", "position_ids", "vision")
+    }
+    if mesh is not None:
+      prompt = sharding.put_batch(mesh, prompt)
+    ro = engine.sample(model, prompt, jax.random.key(0), sampling)
+    tokens = np.asarray(ro.tokens)
+    mask = np.asarray(ro.mask)
+    texts = [
+        processor.decode(tokens[i][mask[i]], skip_special_tokens=True)
+        for i in range(n)
+    ]
+    rw = rewards_lib.batch_rewards(texts, meta["answers"], meta["answer_types"])
+    mass, hit, _ = _attention_stats_jit(
+        params,
+        graphdef,
+        {**prompt, "evidence_mask": jnp.asarray(arrays["evidence_mask"])},
+        jnp.asarray(tokens),
+        jnp.asarray(mask),
+        ProbeSpec(layers=layers),
+    )
+    mass, hit = np.asarray(mass), np.asarray(hit)
+    for i in range(n):
+      fam = meta["families"][i] or "all"
+      stats["accuracy"].append(rw["correct"][i])
+      stats[f"accuracy/{fam}"].append(rw["correct"][i])
+      stats["format"].append(rw["format"][i])
+      stats["response_length"].append(mask[i].sum())
+      stats["truncated"].append(bool(ro.truncated[i]))
+      if arrays["has_boxes"][i]:
+        stats["evidence_mass"].append(mass[i])
+        stats["pointing_hit"].append(hit[i])
+        stats[f"evidence_mass/{fam}"].append(mass[i])
+      if len(samples) < num_samples_to_show:
+        samples.append(
+            dict(
+                id=meta["ids"][i],
+                response=texts[i],
+                answer=meta["answers"][i],
+                correct=bool(rw["correct"][i]),
+            )
+        )
+    seen += n
+  out = {k: float(np.mean(v)) for k, v in stats.items() if v}
+  out["num_examples"] = seen
+  out["samples"] = samples
+  return out

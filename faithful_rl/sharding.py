@@ -1,0 +1,134 @@
+"""One device mesh (data, fsdp, tensor) and partition rules.
+
+Parameters are sharded by regex rules over their path (`a/b/0/kernel`), in
+the style of big_vision: the first rule that matches gives a
+PartitionSpec; a mesh axis whose size does not divide the dimension is
+dropped for that parameter (it stays replicated along it), so the same
+rules serve 1 CPU, 8 fake CPU devices, a GPU node or a TPU pod. Batches
+shard their leading axis over (data, fsdp).
+
+Multi-host: call `jax.distributed.initialize()` before building the mesh
+(`config.mesh.distributed=True` does it in train.py).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")
+
+# Linear kernels are [in, out]: column-parallel layers shard `out` over
+# tensor, row-parallel ones shard `in`; fsdp takes the other dimension.
+DEFAULT_RULES: tuple[tuple[str, P], ...] = (
+    (r"embed_tokens/embedding$", P("tensor", "fsdp")),
+    (r"lm_head/kernel$", P("fsdp", "tensor")),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|qkv|mlp_0)/kernel$",
+     P("fsdp", "tensor")),
+    (r"(o_proj|down_proj|proj|mlp_2)/kernel$", P("tensor", "fsdp")),
+    (r"patch_embed/kernel$", P("fsdp", "tensor")),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|qkv|mlp_0)/bias$",
+     P("tensor")),
+    (r".*", P()),
+)  # fmt: skip
+
+
+def make_mesh(shape: dict[str, int] | None = None, devices=None) -> Mesh:
+  """A mesh over all devices; one axis size may be -1 (the rest).
+
+  Args:
+    shape: {"data": d, "fsdp": f, "tensor": t}; default all devices on fsdp.
+    devices: default `jax.devices()`.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  shape = dict(shape or {"data": 1, "fsdp": -1, "tensor": 1})
+  sizes = [int(shape.get(a, 1)) for a in AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1: {shape}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"mesh {shape} does not divide {len(devices)} devices")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(
+        f"mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices,"
+        f" there are {len(devices)}"
+    )
+  return jax.make_mesh(
+      tuple(sizes),
+      AXES,
+      axis_types=(AxisType.Auto,) * len(AXES),
+      devices=devices,
+  )
+
+
+def path_str(path: Sequence[Any]) -> str:
+  parts = []
+  for p in path:
+    p = getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))
+    parts.append(str(p))
+  return "/".join(parts)
+
+
+def spec_for(
+    path: str, shape: tuple[int, ...], mesh: Mesh, rules=DEFAULT_RULES
+) -> P:
+  """The PartitionSpec of one parameter (axes that do not divide dropped)."""
+  for pattern, spec in rules:
+    if re.search(pattern, path):
+      break
+  else:
+    return P()
+  if len(spec) > len(shape):
+    spec = P(*spec[-len(shape) :]) if shape else P()
+  out = []
+  for dim, axis in zip(shape, tuple(spec) + (None,) * len(shape)):
+    names = (axis,) if isinstance(axis, str) else tuple(axis or ())
+    size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+    out.append(axis if names and dim % size == 0 and size > 1 else None)
+  return P(*out)
+
+
+def tree_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings for a pytree of arrays/ShapeDtypeStructs, by path."""
+
+  def one(path, leaf):
+    return NamedSharding(
+        mesh, spec_for(path_str(path), tuple(leaf.shape), mesh, rules)
+    )
+
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def param_sharding_fn(mesh: Mesh, rules=DEFAULT_RULES):
+  """(path, shape) -> NamedSharding, for `models.from_pretrained`."""
+  return lambda path, shape: NamedSharding(
+      mesh, spec_for(path_str(path), tuple(shape), mesh, rules)
+  )
+
+
+def batch_sharding(mesh: Mesh, tree):
+  """Leading axis over (data, fsdp) where it divides; else replicated."""
+  n = mesh.shape["data"] * mesh.shape["fsdp"]
+
+  def one(leaf):
+    shape = np.shape(leaf)
+    if shape and shape[0] % n == 0 and n > 1:
+      return NamedSharding(mesh, P(BATCH))
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(one, tree)
+
+
+def put_batch(mesh: Mesh, tree):
+  """Places a host batch on the mesh (leading axis data-parallel)."""
+  return jax.device_put(tree, batch_sharding(mesh, tree))
