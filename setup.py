@@ -8,7 +8,9 @@ setuptools.setup(
     description=(
         "JAX/Flax RLVR (GRPO, DAPO, VPPO, EASE, Faithful-MR1) for Qwen-VL"
     ),
-    packages=setuptools.find_packages(include=["faithful_rl", "faithful_rl.*"]),
+    packages=setuptools.find_packages(
+        include=["faithful_rl", "faithful_rl.*", "configs"]
+    ),
     package_data={"faithful_rl": ["assets/**/*"]},
     include_package_data=True,
     python_requires=">=3.10",

@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.init = "hf"  # 'hf' (from_pretrained) | 'scratch'
   c.model.hf_dir = ""
+  c.model.arch = ""  # a name in faithful_rl.models.archs (shapes only)
   c.model.dtype = "bfloat16"
   c.model.scratch = ml_collections.ConfigDict()  # TextConfig/VisionConfig
 
@@ -144,9 +145,21 @@ def set_algorithm(c, algorithm: str):
   return c
 
 
+REAL_ARGS = dict(variant="7b", hf_dir="", data="", eval_data="", runlocal=False)
+
+
 def qwen2_5_vl_real(c, arg):
-  """Settings shared by the real-checkpoint recipes (3B / 7B)."""
+  """Settings shared by the real-checkpoint recipes (3B / 7B).
+
+  `arg`: variant=3b|7b, hf_dir=<local HF folder>, data=<train.jsonl>,
+  eval_data=<eval.jsonl>; without data, the synthetic task at 112-224 px.
+  `runlocal` keeps the algorithm but swaps in the demo's tiny model and a
+  small synthetic dataset.
+  """
+  if arg.variant not in ("3b", "7b"):
+    raise ValueError(f"variant must be 3b or 7b, not {arg.variant!r}")
   c.model.init = "hf"
+  c.model.arch = f"qwen2_5_vl_{arg.variant}"
   c.model.hf_dir = arg.hf_dir
   c.model.dtype = "bfloat16"
   c.data.name = "jsonl_vqa/user" if arg.data else "evidence_vqa/mixed_sizes"
@@ -174,7 +187,29 @@ def qwen2_5_vl_real(c, arg):
   c.eval = dict(every=25, num_examples=512, batch_size=64, final_examples=0)
   c.ckpt = dict(every=25, keep=3, async_save=True)
   if arg.runlocal:
+    tiny_model(c)
     runlocal(c)
+  return c
+
+
+def tiny_model(c):
+  """The demo's tiny from-scratch model and synthetic task (CPU scale)."""
+  from configs import demo  # pylint: disable=g-import-not-at-top
+
+  c.model.init = "scratch"
+  c.model.hf_dir = ""
+  c.model.arch = ""
+  c.model.scratch = demo.scratch_model()
+  c.data.name = "evidence_vqa/demo"
+  c.data.jsonl = {}
+  c.data.synthetic = dict(
+      families=("attribute", "count"),
+      num_train=64,
+      num_validation=16,
+      num_test=16,
+  )
+  c.data.processor.max_pixels = None
+  c.rl.optim.groups = ()
   return c
 
 

@@ -20,7 +20,7 @@ def scratch_model():
       text=dict(
           vocab_size=448,
           hidden_size=128,
-          intermediate_size=384,
+          intermediate_size=256,
           num_hidden_layers=4,
           num_attention_heads=4,
           num_key_value_heads=2,
@@ -57,7 +57,7 @@ def get_config(arg=None):
       num_validation=512,
       num_test=512,
   )
-  c.data.prompt_buckets = (64,)
+  c.data.prompt_buckets = (56,)  # prompts are 52-53 tokens
   c.data.patch_buckets = (64,)
   c.data.response_buckets = (16, 32)
 

@@ -81,7 +81,7 @@ def make(
         total_steps=total_steps,
         decay=decay,
     )
-    mask = jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+    mask = jax.tree.map(lambda p: len(p.shape) >= 2, params)
     return optax.adamw(
         sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask
     )

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -316,7 +317,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
 
   iters = {
-      "sft": iterator(config.sft.batch_size, 0),
+      "sft": batching.Prefetch(iterator(config.sft.batch_size, 0)),
       "rl": iterator(config.rl.num_prompts, 1),
   }
 
@@ -487,12 +488,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       tqdm.tqdm.write(
           f"[eval] step {step}: accuracy {ev.get('accuracy', float('nan')):.3f}"
       )
+    kill_at = os.environ.get("FAITHFUL_RL_TEST_KILL_AT_STEP")
+    if kill_at and int(kill_at) == step:  # test hook: die mid-training
+      writer.flush()
+      os.kill(os.getpid(), signal.SIGKILL)
     if boundary or step % config.ckpt.every == 0 or step == total_steps:
       save(step)
   bar.close()
   ckpts.wait()
 
   # -------------------------------------------------------------- final --
+  for it in iters.values():
+    it.close()
   writer.close()
   ckpts.close()
   summary = {"chance": chance, "table_split": table_split[0], **results}

@@ -1,0 +1,165 @@
+"""Using a trained policy: load a run or a HF folder, answer, look.
+
+  model, processor, config = inference.load_run("workdirs/demo")
+  answers = inference.answer(model, processor, records)
+  # each: question, response, answer, correct, attention float[h, w]
+  # (the response's visual attention on the merged-token grid), image,
+  # boxes, grid
+  inference.export_hf("workdirs/demo", "/tmp/demo_hf")  # HF folder
+
+The attention is read by the probe at EASE's layer floor(2L/3) (or the
+given layers), averaged over heads, over up to 64 response tokens, and
+renormalised over the image's visual tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from faithful_rl import losses
+from faithful_rl import models
+from faithful_rl import rewards as rewards_lib
+from faithful_rl import rollout
+from faithful_rl.data import batching
+from faithful_rl.data import processing
+from faithful_rl.models.qwen2_5_vl import AttentionProbe
+from faithful_rl.models.qwen2_5_vl import visual_token_positions
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  with open(os.path.join(workdir, "config.json")) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_run(workdir: str, step: int | None = None):
+  """(model, processor, config) of a training run's checkpoint."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  from faithful_rl import train  # pylint: disable=g-import-not-at-top
+
+  config = load_config(workdir)
+  processor = train.make_processor(config)
+  model_config = train.model_config_for(config, processor)
+  processor = train.make_processor(config, model_config)
+  dtype = jnp.dtype(config.model.dtype)
+  graphdef, abstract = nnx.split(
+      nnx.eval_shape(lambda: models.create(model_config, dtype=dtype))
+  )
+  target = nnx.to_pure_dict(abstract)
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  with ocp.CheckpointManager(ckpt_dir) as mngr:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{ckpt_dir}: no checkpoint")
+    restored = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    )
+  params = restored["state"]["params"]
+  params = jax.tree.map(lambda t, x: jnp.asarray(x, t.dtype), target, params)
+  return nnx.merge(graphdef, params), processor, config
+
+
+def load_hf(hf_dir: str, dtype=jnp.float32, **processor_options):
+  """(model, processor) of a local HF folder."""
+  model = models.from_pretrained(hf_dir, dtype=dtype)
+  processor = processing.processor_for(
+      hf_dir, model_config=model.config, **processor_options
+  )
+  return model, processor
+
+
+def export_hf(workdir: str, out_dir: str, step: int | None = None) -> str:
+  """Writes a run's checkpoint as a HF folder (weights, config, tokenizer)."""
+  model, processor, _ = load_run(workdir, step)
+  models.save_pretrained(model, out_dir)
+  processor.tokenizer.save_pretrained(out_dir)
+  processor.image_processor.save_pretrained(out_dir)
+  return out_dir
+
+
+def answer(
+    model,
+    processor,
+    records: Sequence[dict[str, Any]],
+    *,
+    max_new_tokens: int = 32,
+    probe_layers: tuple[int, ...] = (),
+    buckets: batching.Buckets | None = None,
+) -> list[dict[str, Any]]:
+  """Greedy answers to `records`, with where each response looked."""
+  examples = [processor.process(r) for r in records]
+  buckets = buckets or batching.Buckets(
+      prompt=(64, 128, 256, 512, 1024),
+      patches=(64, 256, 1024, 4096),
+      response=(max_new_tokens,),
+  )
+  batch = batching.collate(
+      examples,
+      model_config=model.config,
+      buckets=buckets,
+      truncate_response=True,
+  )
+  a = batch.arrays
+  prompt = {
+      k: jax.tree.map(jnp.asarray, a[k])
+      for k in ("prompt_ids", "prompt_mask", "position_ids", "vision")
+  }
+  sampling = rollout.SamplingConfig(
+      num_samples=1,
+      max_new_tokens=max_new_tokens,
+      greedy=True,
+      stop_tokens=(processor.ids.im_end,),
+      pad_token=processor.ids.pad,
+  )
+  ro = rollout.sample(model, prompt, jax.random.key(0), sampling)
+  v = a["evidence_mask"].shape[1]
+  kpos, kvalid = visual_token_positions(
+      prompt["prompt_ids"], model.config.image_token_id, v
+  )
+  k = min(64, max_new_tokens)
+  qpos, qvalid = losses.sample_query_rows(jax.random.key(0), ro.mask, k=k)
+  layers = tuple(probe_layers) or (model.config.default_probe_layer,)
+  probe = AttentionProbe(qpos, kpos, kvalid, layers=layers)
+  _, _, out = rollout.score(
+      model, prompt, ro.tokens, ro.mask, num_samples=1, probe=probe
+  )
+  attn = np.asarray(
+      losses.trajectory_attention(
+          attention=out.visual_attention, valid=kvalid, query_mask=qvalid
+      )
+  )
+  tokens, mask = np.asarray(ro.tokens), np.asarray(ro.mask)
+  results = []
+  for i, (rec, ex) in enumerate(zip(records, examples)):
+    text = processor.decode(tokens[i][mask[i]], skip_special_tokens=True)
+    t, h, w = ex.grids[0]
+    m = processor.merge_size
+    gh, gw = h // m, w // m
+    image = processing.load_image(processing.record_images(rec)[0])
+    results.append(
+        dict(
+            id=ex.id,
+            question=rec["question"],
+            response=text,
+            answer=ex.answer,
+            correct=bool(
+                rewards_lib.verify(text, ex.answer, ex.answer_type) > 0.5
+            ),
+            attention=attn[i, : gh * gw].reshape(gh, gw),
+            evidence=np.asarray(a["evidence_mask"][i, : gh * gw]).reshape(
+                gh, gw
+            ),
+            grid=(gh, gw),
+            image=image,
+            boxes=np.asarray(rec.get("boxes", np.zeros((0, 4))), np.float32),
+        )
+    )
+  return results

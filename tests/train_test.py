@@ -1,0 +1,183 @@
+"""The trainer end to end on `runlocal`: exact resume, crash safety, errors.
+
+Each run is a subprocess of `python -m faithful_rl.train` (a SIGKILL has to
+hit a real process). A persistent compilation cache shared by the runs
+keeps them at a few seconds each after the first.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "--config=configs/demo.py:runlocal"
+
+
+def _run(workdir, *extra, env=None, check=True):
+  e = dict(os.environ)
+  e.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/faithful_rl_test_jax_cache")
+  e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  e.update(env or {})
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "faithful_rl.train",
+          CONFIG,
+          f"--workdir={workdir}",
+      ]
+      + list(extra),
+      cwd=ROOT,
+      env=e,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  if check and proc.returncode != 0:
+    raise AssertionError(
+        f"run failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    )
+  return proc
+
+
+def _final_params(workdir):
+  """The last checkpoint's parameters, as host arrays by path."""
+  import orbax.checkpoint as ocp
+
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  with ocp.CheckpointManager(ckpt_dir) as mngr:
+    step = mngr.latest_step()
+    restored = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    )
+  leaves = jax.tree_util.tree_leaves_with_path(restored["state"]["params"])
+  return step, {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  """An uninterrupted runlocal run (SFT 4 steps + RL 2 steps)."""
+  workdir = str(tmp_path_factory.mktemp("finished"))
+  proc = _run(workdir)
+  return workdir, proc
+
+
+def test_runlocal_end_to_end(finished):
+  workdir, proc = finished
+  results = json.load(open(os.path.join(workdir, "results.json")))
+  assert {"init", "sft", "rl", "chance"} <= set(results)
+  assert 0 < results["chance"] < 1
+  assert "held-out accuracy" in proc.stdout
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  train_steps = [r["step"] for r in rows if r["split"] == "train"]
+  assert train_steps == sorted(train_steps) and train_steps[-1] == 6
+  rl_rows = [r for r in rows if r["split"] == "train" and "reward" in r]
+  assert rl_rows and all(np.isfinite(r["loss"]) for r in rl_rows)
+  assert os.path.exists(os.path.join(workdir, "curves.png"))
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  step, params = _final_params(workdir)
+  assert step == 6 and params
+
+
+def test_sigkill_and_resume_is_bitwise_identical(finished, tmp_path):
+  ref_dir, _ = finished
+  workdir = str(tmp_path / "killed")
+  # Killed (SIGKILL, no cleanup) right after the update of step 5 (RL),
+  # after the checkpoint of step 4 and before the one of step 6.
+  proc = _run(workdir, env={"FAITHFUL_RL_TEST_KILL_AT_STEP": "5"}, check=False)
+  assert proc.returncode == -signal.SIGKILL
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert max(r["step"] for r in rows) == 5  # logged, then killed
+  resumed = _run(workdir)
+  assert "[resume]" in resumed.stdout and "step 4" in resumed.stdout
+  step, params = _final_params(workdir)
+  ref_step, ref = _final_params(ref_dir)
+  assert step == ref_step == 6
+  assert params.keys() == ref.keys()
+  for k in ref:
+    np.testing.assert_array_equal(params[k], ref[k], err_msg=k)
+  # The metrics file continues as an uninterrupted run's would.
+  steps = [
+      json.loads(l)["step"]
+      for l in open(os.path.join(workdir, "metrics.jsonl"))
+      if json.loads(l)["split"] == "train"
+  ]
+  assert steps == sorted(set(steps))
+
+
+def test_crash_while_writing_a_checkpoint(finished, tmp_path):
+  ref_dir, _ = finished
+  workdir = str(tmp_path / "crashed")
+  proc = _run(workdir, env={"FAITHFUL_RL_TEST_CRASH_IN_SAVE": "4"}, check=False)
+  assert proc.returncode == -signal.SIGKILL
+  from faithful_rl import checkpointing
+
+  ckpts = checkpointing.Checkpoints(workdir)
+  assert ckpts.latest_step() == 2  # step 4 never became loadable
+  ckpts.close()
+  resumed = _run(workdir)
+  assert "step 2" in resumed.stdout
+  _, params = _final_params(workdir)
+  _, ref = _final_params(ref_dir)
+  for k in ref:
+    np.testing.assert_array_equal(params[k], ref[k], err_msg=k)
+
+
+def _checkpoint_files(workdir):
+  root = os.path.join(workdir, "checkpoints")
+  out = {}
+  for d, _, files in os.walk(root):
+    for f in files:
+      p = os.path.join(d, f)
+      out[p] = os.path.getmtime(p)
+  return out
+
+
+def test_nan_loss_stops_without_touching_the_checkpoint(tmp_path):
+  workdir = str(tmp_path / "nan")
+  proc = _run(workdir, "--config.debug.nan_at_step=3", check=False)
+  assert proc.returncode == 1
+  assert "non-finite loss" in proc.stderr and "step 3" in proc.stderr
+  assert "step 2" in proc.stderr  # names the last good checkpoint
+  from faithful_rl import checkpointing
+
+  ckpts = checkpointing.Checkpoints(workdir)
+  assert ckpts.latest_step() == 2
+  ckpts.close()
+
+
+def test_corrupted_metrics_file_stops_cleanly(finished, tmp_path):
+  ref_dir, _ = finished
+  workdir = str(tmp_path / "corrupt")
+  shutil.copytree(ref_dir, workdir)
+  path = os.path.join(workdir, "metrics.jsonl")
+  lines = open(path).read().splitlines()
+  lines[2] = lines[2][: len(lines[2]) // 2]  # half a line
+  open(path, "w").write("\n".join(lines) + "\n")
+  before = _checkpoint_files(workdir)
+  proc = _run(workdir, "--config.rl.steps=3", check=False)
+  assert proc.returncode == 1
+  assert "metrics.jsonl:3" in proc.stderr and "corrupted" in proc.stderr
+  assert _checkpoint_files(workdir) == before
+  assert open(path).read().splitlines()[2] == lines[2]  # left as found
+
+
+def test_incompatible_workdir_is_refused(finished, tmp_path):
+  ref_dir, _ = finished
+  workdir = str(tmp_path / "other_model")
+  shutil.copytree(ref_dir, workdir)
+  before = _checkpoint_files(workdir)
+  proc = _run(
+      workdir, "--config.model.scratch.text.hidden_size=64", check=False
+  )
+  assert proc.returncode == 1
+  assert "different model" in proc.stderr
+  assert "model.scratch.text.hidden_size: 128 -> 64" in proc.stderr
+  assert _checkpoint_files(workdir) == before
