@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.arch = ""  # a name in faithful_rl.models.archs (shapes only)
   c.model.dtype = "bfloat16"
   c.model.scratch = ml_collections.ConfigDict()  # TextConfig/VisionConfig
+  c.model.init_from = ""  # a workdir: start from its latest parameters
 
   # ---- Data. ----
   c.data = ml_collections.ConfigDict()

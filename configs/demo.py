@@ -42,10 +42,10 @@ def scratch_model():
   )
 
 
-def get_config(arg=None):
-  arg = common.parse_arg(arg, runlocal=False, algorithm="dapo")
+def demo_config(runlocal: bool = False, algorithm: str = "dapo"):
+  """The demo's settings; the method configs' `:demo` variants build on it."""
   c = common.base_config()
-  common.set_algorithm(c, arg.algorithm)
+  common.set_algorithm(c, algorithm)
   c.model.init = "scratch"
   c.model.dtype = "float32"
   c.model.scratch = scratch_model()
@@ -84,9 +84,15 @@ def get_config(arg=None):
   c.eval = dict(every=250, num_examples=256, batch_size=128, final_examples=512)
   c.ckpt = dict(every=100, keep=2, async_save=True)
   c.log_every = 25
-  if arg.runlocal:
+  if runlocal:
     common.runlocal(c)
+    c.data.prompt_buckets = (56, 64)
     c.data.synthetic.num_train = 64
     c.data.synthetic.num_validation = 16
     c.data.synthetic.num_test = 16
   return c
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, runlocal=False, algorithm="dapo")
+  return demo_config(arg.runlocal, arg.algorithm)

@@ -116,6 +116,28 @@ class Checkpoints:
     self.manager.close()
 
 
+def load_params(workdir: str, target, step: int | None = None):
+  """Parameters of another run's checkpoint, placed and cast as `target`.
+
+  `target`: the params pytree of ShapeDtypeStructs (with shardings). Used to
+  start a run from another one (e.g. RL from an SFT run).
+  """
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  with ocp.CheckpointManager(directory) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{directory}: no checkpoint to start from")
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    )
+  params = restored["state"]["params"]
+  return jax.tree.map(
+      lambda t, x: jax.device_put(jax.numpy.asarray(x, t.dtype), t.sharding),
+      target,
+      params,
+  )
+
+
 def abstract_like(tree, shardings):
   """ShapeDtypeStructs with shardings, the restore target of `tree`."""
   return jax.tree.map(

@@ -343,6 +343,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   stage, s_start, s_end = stage_at(step)
   tx = make_tx(config, stage, params, s_end - s_start) if plan else None
   abstract, shardings = abstract_train_state(graphdef, params, tx, mesh)
+  if latest is None and config.model.get("init_from"):
+    params = checkpointing.load_params(config.model.init_from, abstract.params)
+    print(f"[init] parameters from {config.model.init_from}")
   if latest is None:
     state = jax.jit(
         lambda p: steps.TrainState(p, tx.init(p), jnp.zeros((), jnp.int32)),

@@ -1,0 +1,100 @@
+"""The sharded update step on 8 fake CPU devices equals the 1-device one."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from jax.sharding import PartitionSpec as P
+
+from faithful_rl import sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, "tests")
+    import jax, jax.numpy as jnp, numpy as np
+    from flax import nnx
+    from faithful_rl import models, sharding, steps, optim
+    from faithful_rl.models import inputs as il
+    import helpers
+
+    assert jax.device_count() == 8
+    cfg = helpers.tiny_config()
+    rng = np.random.default_rng(0)
+    b = 8
+    grids = [[(1, 4, 4)]] * b
+    prompts = [helpers.random_text(rng, 3) + helpers.image_tokens(g[0])
+               + helpers.random_text(rng, 2) for g in grids]
+    ids, mask = helpers.make_batch(rng, prompts)
+    pos, _ = il.rope_index(ids, mask, grids, cfg)
+    vis = il.vision_inputs([helpers.random_pixels(rng, g) for g in grids],
+                           grids, 16, cfg.vision)
+    batch = dict(prompt_ids=ids.astype(np.int32), prompt_mask=mask.astype(bool),
+                 position_ids=pos, vision=vis,
+                 response_ids=rng.integers(3, 100, (b, 6)).astype(np.int32),
+                 response_mask=np.ones((b, 6), bool),
+                 example_mask=np.ones((b,), bool))
+
+    def one_step(mesh):
+      graphdef, state = nnx.split(models.create(cfg, seed=1))
+      params = nnx.to_pure_dict(state)
+      shard = sharding.tree_shardings(params, mesh)
+      params = jax.device_put(params, shard)
+      tx = optim.make(params, lr=1e-2)
+      st = steps.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+      sh = jax.tree.map(lambda x: x.sharding, st)
+      upd = steps.make_update(steps.sft_loss, tx, graphdef, steps.SFTConfig(),
+                              state_shardings=sh)
+      st, m = upd(st, sharding.put_batch(mesh, batch), jax.random.key(0))
+      return st, float(m["loss"])
+
+    one, loss1 = one_step(sharding.make_mesh(devices=jax.devices()[:1]))
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    many, loss8 = one_step(mesh)
+    assert abs(loss1 - loss8) < 1e-5, (loss1, loss8)
+    for a, c in zip(jax.tree.leaves(one.params), jax.tree.leaves(many.params)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=2e-5)
+    q = many.params["language_model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor"), q.sharding
+    assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (32, 32)
+    print("OK", loss1, loss8)
+""")
+
+
+def test_spec_drops_axes_that_do_not_divide():
+  class FakeMesh:
+    shape = {"data": 1, "fsdp": 4, "tensor": 2}
+
+  spec = sharding.spec_for(
+      "language_model/layers/0/self_attn/q_proj/kernel", (64, 64), FakeMesh()
+  )
+  assert spec == P("fsdp", "tensor")
+  spec = sharding.spec_for(
+      "language_model/layers/0/self_attn/k_proj/kernel", (64, 6), FakeMesh()
+  )
+  assert spec == P("fsdp", "tensor")  # 6 % 2 == 0
+  spec = sharding.spec_for(
+      "language_model/layers/0/self_attn/k_proj/kernel", (62, 5), FakeMesh()
+  )
+  assert spec == P(None, None)
+  assert sharding.spec_for(
+      "visual/blocks/0/norm1/weight", (32,), FakeMesh()
+  ) == P(None)
+
+
+def test_sharded_step_on_8_fake_devices_matches_one_device():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run(
+      [sys.executable, "-c", SCRIPT],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "OK" in proc.stdout
