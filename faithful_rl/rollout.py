@@ -219,6 +219,22 @@ def _repeat(x, g):
   return jax.tree.map(lambda a: jnp.repeat(a, g, axis=0), x)
 
 
+def _head_logits(model, hidden: jax.Array) -> jax.Array:
+  """float32[N, V] logits of hidden [N, D], computed as `score` does.
+
+  Accumulated in float32 and never rounded to the model's dtype (as
+  `losses.chunked_token_logprobs`), so sampled log-probabilities equal the
+  training forward's in bfloat16 too, on accelerators whose bfloat16
+  matmuls round their outputs.
+  """
+  return jnp.einsum(
+      "nd,dv->nv",
+      hidden,
+      model.head_weight(),
+      preferred_element_type=jnp.float32,
+  )
+
+
 def _sample_program(model, batch: dict, rng: jax.Array, config: SamplingConfig):
   """The whole rollout for one batch (traced once per bucket)."""
   ids = batch["prompt_ids"]
@@ -242,7 +258,7 @@ def _sample_program(model, batch: dict, rng: jax.Array, config: SamplingConfig):
       cache_index=0,
       return_logits=False,
   )
-  last = model.logits(out.hidden[:, -1])  # left padding: last is real
+  last = _head_logits(model, out.hidden[:, -1])  # left-padded: last is real
   next_pos = pos.max(axis=(0, 2)) + 1  # [B]
   cache, kv_mask, last, next_pos = _repeat(
       (out.cache, kv_mask, last, next_pos), g
@@ -274,7 +290,7 @@ def _sample_program(model, batch: dict, rng: jax.Array, config: SamplingConfig):
         cache_index=tp + step,
         return_logits=False,
     )
-    logits = model.logits(out.hidden[:, 0])
+    logits = _head_logits(model, out.hidden[:, 0])
     return (step + 1, tokens, logprobs, mask, done, out.cache, kv_mask,
             logits, rng)  # fmt: skip
 
