@@ -8,7 +8,6 @@ a mis-specified distribution fails it; one compiled program per bucket;
 stop tokens end responses and the decode loop.
 """
 
-import dataclasses
 import functools
 
 import jax
