@@ -38,7 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.arch = ""  # a name in faithful_rl.models.archs (shapes only)
   c.model.dtype = "bfloat16"
   c.model.scratch = ml_collections.ConfigDict()  # TextConfig/VisionConfig
-  c.model.init_from = ""  # a workdir: start from its latest parameters
+  c.model.init_from = ""  # a workdir: start from its parameters
+  c.model.init_step = -1  # ... of this step (-1: its latest checkpoint)
 
   # ---- Data. ----
   c.data = ml_collections.ConfigDict()

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 
 # Config sections whose change makes a workdir's checkpoints unusable.
 COMPATIBILITY_KEYS = ("model",)
@@ -130,7 +131,8 @@ def load_params(workdir: str, target, step: int | None = None):
     restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
     )
-  params = restored["state"]["params"]
+  # Restored without a target, list indices come back as string keys.
+  params = nnx.restore_int_paths(restored["state"]["params"])
   return jax.tree.map(
       lambda t, x: jax.device_put(jax.numpy.asarray(x, t.dtype), t.sharding),
       target,

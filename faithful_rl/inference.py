@@ -62,7 +62,7 @@ def load_run(workdir: str, step: int | None = None):
     restored = mngr.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
     )
-  params = restored["state"]["params"]
+  params = nnx.restore_int_paths(restored["state"]["params"])
   params = jax.tree.map(lambda t, x: jnp.asarray(x, t.dtype), target, params)
   return nnx.merge(graphdef, params), processor, config
 

@@ -99,6 +99,7 @@ def collect(
   stats = dict(rounds=0, zero_variance_groups=0, sampled_groups=0)
   t_sample = t_reward = 0.0
   generated = 0
+  correct_sum = reward_sum = 0.0
   rounds = max_rounds if dynamic else 1
   per_round = gen_prompts if dynamic else num_prompts
   for r in range(rounds):
@@ -144,6 +145,8 @@ def collect(
       )["correct"]
     t_reward += time.perf_counter() - t0
     generated += int(mask.sum())
+    correct_sum += float(rw["correct"].sum())
+    reward_sum += float(rw["reward"].sum())
     zero = losses.zero_variance_groups(rw["reward"], g)
     stats["rounds"] += 1
     stats["sampled_groups"] += n
@@ -173,6 +176,9 @@ def collect(
   stats["zero_variance_frac"] = stats["zero_variance_groups"] / max(
       stats["sampled_groups"], 1
   )
+  rows_sampled = max(stats["sampled_groups"] * g, 1)
+  stats["sampled_accuracy"] = correct_sum / rows_sampled  # before filtering
+  stats["sampled_reward"] = reward_sum / rows_sampled
   stats["time/sample"] = t_sample
   stats["time/reward"] = t_reward
   stats["generated_tokens"] = generated

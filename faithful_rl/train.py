@@ -344,7 +344,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   tx = make_tx(config, stage, params, s_end - s_start) if plan else None
   abstract, shardings = abstract_train_state(graphdef, params, tx, mesh)
   if latest is None and config.model.get("init_from"):
-    params = checkpointing.load_params(config.model.init_from, abstract.params)
+    params = checkpointing.load_params(
+        config.model.init_from,
+        abstract.params,
+        step=config.model.get("init_step", -1)
+        if config.model.get("init_step", -1) >= 0
+        else None,
+    )
     print(f"[init] parameters from {config.model.init_from}")
   if latest is None:
     state = jax.jit(
@@ -602,7 +608,8 @@ def _rl_step(
   r = groups.rewards
   m.update(
       reward=float(np.mean(arrays["total_rewards"])),
-      accuracy=float(r["correct"].mean()),
+      accuracy=float(groups.stats["sampled_accuracy"]),
+      batch_accuracy=float(r["correct"].mean()),  # kept groups only
       format=float(r["format"].mean()),
       overlong=float(r["overlong"].mean()),
       response_length=float(groups.lengths.mean()),

@@ -38,8 +38,8 @@ def add_tokens(model, tokenizer, tokens: Sequence[str] = (FOCUS,)):
   vocab = max(cfg.text.vocab_size, len(tokenizer))
   emb = model.language_model.embed_tokens.embedding[...]
   mean_emb = emb[:old_len].astype(jnp.float32).mean(0).astype(emb.dtype)
-  grown = jnp.zeros((vocab, emb.shape[1]), emb.dtype).at[: emb.shape[0]].set(
-      emb
+  grown = (
+      jnp.zeros((vocab, emb.shape[1]), emb.dtype).at[: emb.shape[0]].set(emb)
   )
   new_ids = [i for i, t in zip(ids, tokens) if t in new]
   for i in new_ids:
