@@ -102,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.overlong = "shaping"  # shaping | filter | none
   c.rl.overlong_cache = 8  # L_cache (tokens)
   c.rl.format_weight = 0.0
+  c.rl.boxed_only = True  # only a \boxed{} answer earns the reward
   c.rl.sampling = dict(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=64)
   c.rl.optim = dict(
       lr=1e-6, warmup_steps=10, decay="constant", weight_decay=0.1,

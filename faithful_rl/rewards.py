@@ -364,6 +364,7 @@ def verify(
     answer_type: str | None = None,
     *,
     choices: Sequence[str] | Mapping[str, str] | None = None,
+    boxed_only: bool = False,
 ) -> float:
   """1.0 if the response's answer matches the gold answer, else 0.0.
 
@@ -373,7 +374,14 @@ def verify(
     answer_type: see the module docstring; None infers it from `answer`.
     choices: option texts (A first) or {letter: text}, so that a choice
       answered by its text ('red') matches the letter and vice versa.
+    boxed_only: only an answer inside a final `\\boxed{}` counts (the strict
+      reading RL rewards use: a policy cannot drift away from the format
+      and keep its reward).
   """
+  if boxed_only and not _boxed_spans(
+      unicodedata.normalize("NFKC", response or "")
+  ):
+    return 0.0
   try:
     return 1.0 if _verify(response, answer, answer_type, choices) else 0.0
   except Exception:  # pylint: disable=broad-except
@@ -440,8 +448,9 @@ def reward_fn(
     require_think: bool = False,
     focus_token: str | None = None,
     choices: Sequence[str] | Mapping[str, str] | None = None,
+    boxed_only: bool = False,
 ) -> dict[str, float]:
-  """Total reward and its parts for one response.
+  """Total reward and its parts for one response (`verify` for boxed_only).
 
   reward = correct_weight * correct + format_weight * format + overlong,
   with correct and format in {0, 1} and overlong the DAPO shaping in
@@ -450,7 +459,9 @@ def reward_fn(
   Returns:
     {'reward', 'correct', 'format', 'overlong'} as floats.
   """
-  correct = verify(response, answer, answer_type, choices=choices)
+  correct = verify(
+      response, answer, answer_type, choices=choices, boxed_only=boxed_only
+  )
   fmt = format_reward(response, require_think, focus_token)
   over = 0.0
   if length is not None and max_len is not None:

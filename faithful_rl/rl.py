@@ -142,6 +142,7 @@ def collect(
           cf_texts,
           rep(batch.meta["answers"]),
           rep(batch.meta["answer_types"]),
+          boxed_only=reward_kwargs.get("boxed_only", False),
       )["correct"]
     t_reward += time.perf_counter() - t0
     generated += int(mask.sum())

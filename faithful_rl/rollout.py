@@ -363,9 +363,17 @@ def score(
     vision: Any = "same",
     probe: AttentionProbe | None = None,
     chunk: int = 128,
-    image_embeds: jax.Array | None = None,
+    shared_prefix: bool | None = None,
 ):
   """Teacher-forced log-probs of responses: the training forward.
+
+  With `shared_prefix` (default when num_samples > 1) the prompt, image
+  included, is encoded once per prompt into a KV cache, which is repeated
+  for its G responses; the responses then run over it. This is the same
+  computation as the full [prompt + response] forward (equal to float
+  rounding, gradients included: they flow into the prompt through the
+  cache) with G times fewer prompt tokens. Otherwise every row runs
+  prompt + response in one sequence.
 
   Args:
     model: the policy.
@@ -377,36 +385,41 @@ def score(
     vision: "same" (the batch's images), None (no images), or another
       `VisionInputs` for the B prompts (e.g. the counterfactual images).
     probe: an attention probe whose query positions index the response
-      (0 = first response token); they are offset to the full sequence.
+      (0 = first response token) and whose key positions index the prompt
+      + response sequence (e.g. the prompt's visual tokens).
     chunk: positions per log-softmax chunk (never [N, T, V] at once).
-    image_embeds: precomputed visual tokens for the N rows (skips the
-      vision tower).
+    shared_prefix: see above; None picks it when num_samples > 1.
 
   Returns:
-    (logprobs float32[N, R], entropy float32[N, R], model output).
+    (logprobs float32[N, R], entropy float32[N, R], model output; in
+    shared-prefix mode the output is the responses' forward).
   """
-  seq = response_inputs(
-      batch, tokens, mask, num_samples, model.config.image_token_id
-  )
-  if vision != "same":
-    seq["vision"] = None if vision is None else _repeat(vision, num_samples)
-  start = seq["response_start"]
-  if probe is not None:
-    probe = dataclasses.replace(
-        probe, query_positions=probe.query_positions + start
-    )
-  out = model(
-      seq["input_ids"],
-      attention_mask=seq["attention_mask"],
-      position_ids=seq["position_ids"],
-      image_mask=seq["image_mask"],
-      vision=None if image_embeds is not None else seq["vision"],
-      image_embeds=image_embeds,
-      attention_probe=probe,
-      return_logits=False,
-  )
+  g = num_samples
+  if shared_prefix is None:
+    shared_prefix = g > 1
+  vis = batch.get("vision") if vision == "same" else vision
   r = tokens.shape[1]
-  hidden = out.hidden[:, start - 1 : start - 1 + r]  # predicts tokens
+  if shared_prefix:
+    hidden, out = _shared_prefix_forward(model, batch, vis, tokens, mask, g,
+                                         probe)  # fmt: skip
+  else:
+    seq = response_inputs(batch, tokens, mask, g, model.config.image_token_id)
+    seq["vision"] = None if vis is None else _repeat(vis, g)
+    start = seq["response_start"]
+    if probe is not None:
+      probe = dataclasses.replace(
+          probe, query_positions=probe.query_positions + start
+      )
+    out = model(
+        seq["input_ids"],
+        attention_mask=seq["attention_mask"],
+        position_ids=seq["position_ids"],
+        image_mask=seq["image_mask"],
+        vision=seq["vision"],
+        attention_probe=probe,
+        return_logits=False,
+    )
+    hidden = out.hidden[:, start - 1 : start - 1 + r]  # predicts tokens
   logp, ent = losses.chunked_token_logprobs(
       hidden,
       model.head_weight(),
@@ -415,6 +428,48 @@ def score(
       temperature=temperature,
   )
   return logp, ent, out
+
+
+def _shared_prefix_forward(model, batch, vision, tokens, mask, g, probe):
+  """Prompt once into a cache, repeated G times; responses over it.
+
+  Returns hidden states [N, R, D] predicting `tokens` and the responses'
+  model output.
+  """
+  ids = batch["prompt_ids"]
+  pmask = batch["prompt_mask"].astype(jnp.bool_)
+  pos = batch["position_ids"]
+  b, tp = ids.shape
+  r = tokens.shape[1]
+  cache = KVCache.zeros(model.config.text, b, tp + r, model.dtype)
+  prompt_kv_mask = jnp.concatenate([pmask, jnp.zeros((b, r), jnp.bool_)], 1)
+  prompt = model(
+      ids,
+      attention_mask=prompt_kv_mask,
+      position_ids=pos,
+      vision=vision,
+      cache=cache,
+      cache_index=0,
+      return_logits=False,
+  )
+  next_pos = pos.max(axis=(0, 2)) + 1
+  rpos = next_pos[:, None] + jnp.arange(r, dtype=pos.dtype)[None]  # [B, R]
+  rpos = jnp.broadcast_to(_repeat(rpos, g)[None], (3, b * g, r))
+  kv_mask = jnp.concatenate(
+      [jnp.repeat(pmask, g, axis=0), mask.astype(jnp.bool_)], 1
+  )
+  out = model(
+      tokens,
+      attention_mask=kv_mask,
+      position_ids=rpos,
+      cache=_repeat(prompt.cache, g),
+      cache_index=tp,
+      attention_probe=probe,
+      return_logits=False,
+  )
+  last = jnp.repeat(prompt.hidden[:, -1:], g, axis=0)  # predicts token 0
+  hidden = jnp.concatenate([last, out.hidden[:, :-1]], axis=1)
+  return hidden, out
 
 
 # ---------------------------------------------------------------------------

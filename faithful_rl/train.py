@@ -388,6 +388,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         num_examples=n or None,
         probe_layers=tuple(config.rl.ease.layers),
         mesh=mesh,
+        boxed_only=config.rl.get("boxed_only", False),
     )
     out["time"] = time.perf_counter() - t0
     return out
@@ -541,7 +542,9 @@ def _rl_step(
       stop_tokens=(processor.ids.im_end,),
       pad_token=processor.ids.pad,
   )
-  reward_kwargs = dict(format_weight=rc.format_weight)
+  reward_kwargs = dict(
+      format_weight=rc.format_weight, boxed_only=rc.get("boxed_only", False)
+  )
   if rc.overlong == "shaping":
     reward_kwargs.update(
         max_len=sampling.max_new_tokens, cache_len=rc.overlong_cache

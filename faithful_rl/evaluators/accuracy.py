@@ -95,6 +95,7 @@ def evaluate(
     probe_layers: tuple[int, ...] = (),
     mesh=None,
     num_samples_to_show: int = 4,
+    boxed_only: bool = False,
 ) -> dict[str, Any]:
   """Greedy accuracy and attention diagnostics on `source`.
 
