@@ -36,10 +36,14 @@ def _setup(t: int, batch: int):
       rng.standard_normal((batch, t, KV_HEADS, HEAD_DIM)), jnp.float32
   )
   start = 16
-  kpos = jnp.broadcast_to(jnp.arange(start, start + VISUAL)[None], (batch, VISUAL))
+  kpos = jnp.broadcast_to(
+      jnp.arange(start, start + VISUAL)[None], (batch, VISUAL)
+  )
   resp = t - 128  # response tokens at the end
   qpos = jnp.broadcast_to(
-      jnp.sort(jnp.asarray(rng.choice(np.arange(resp, t), K, replace=False)))[None],
+      jnp.sort(jnp.asarray(rng.choice(np.arange(resp, t), K, replace=False)))[
+          None
+      ],
       (batch, K),
   )
   probe = AttentionProbe(
@@ -58,9 +62,7 @@ def _setup(t: int, batch: int):
 
 def _loss(rows, probe, target):
   attn = rows.mean(1)  # heads averaged: [B, K, V]
-  kl = losses.attention_kl(
-      attention=attn, target=target, valid=probe.key_valid
-  )
+  kl = losses.attention_kl(attention=attn, target=target, valid=probe.key_valid)
   return kl.mean()
 
 
@@ -108,8 +110,10 @@ def main():
       f" {HEAD_DIM} (kv heads {KV_HEADS}), {VISUAL} visual tokens, K={K}"
       f" rows, float32, {jax.default_backend()}"
   )
-  print(f"{'T':>6} {'fused MiB':>10} {'naive MiB':>10} {'mem ratio':>9}"
-        f" {'fused ms':>9} {'naive ms':>9} {'time ratio':>10}")
+  print(
+      f"{'T':>6} {'fused MiB':>10} {'naive MiB':>10} {'mem ratio':>9}"
+      f" {'fused ms':>9} {'naive ms':>9} {'time ratio':>10}"
+  )
   for t in (int(x) for x in args.lengths.split(",")):
     inputs = _setup(t, args.batch)
     mf, tf, lf = measure(fused, inputs, args.repeats)

@@ -120,7 +120,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.vppo = dict(enabled=False, drop_prob=0.5, topk=0.4, beta_min=0.9)
 
   # ---- Evaluation, logging, checkpoints. ----
-  c.eval = dict(every=100, num_examples=256, batch_size=64, final_examples=0)
+  c.eval = dict(
+      every=100, num_examples=256, batch_size=64, final_examples=0, sampled=0
+  )
   c.log_every = 10
   c.ckpt = dict(every=100, keep=2, async_save=True)
   c.debug = dict(nan_at_step=-1)  # fault injection for tests
@@ -187,7 +189,9 @@ def qwen2_5_vl_real(c, arg):
   c.rl.optim.weight_decay = 0.1
   c.rl.optim.groups = ((r"^visual/", 0.0),)  # the vision tower is frozen
   c.rl.steps = 200
-  c.eval = dict(every=25, num_examples=512, batch_size=64, final_examples=0)
+  c.eval = dict(
+      every=25, num_examples=512, batch_size=64, final_examples=0, sampled=0
+  )
   c.ckpt = dict(every=25, keep=3, async_save=True)
   if arg.runlocal:
     tiny_model(c)
@@ -232,7 +236,9 @@ def runlocal(c):
   c.rl.num_minibatches = 1
   c.rl.sampling.max_new_tokens = 16
   c.rl.overlong_cache = 4
-  c.eval = dict(every=2, num_examples=8, batch_size=8, final_examples=8)
+  c.eval = dict(
+      every=2, num_examples=8, batch_size=8, final_examples=8, sampled=2
+  )
   c.ckpt = dict(every=2, keep=2, async_save=False)
   c.log_every = 1
   return c

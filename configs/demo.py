@@ -62,14 +62,14 @@ def demo_config(runlocal: bool = False, algorithm: str = "dapo"):
   c.data.response_buckets = (16, 32)
 
   c.stages = ("sft", "rl")
-  c.sft.steps = 1000
+  c.sft.steps = 300
   c.sft.batch_size = 64
   c.sft.optim = dict(
       lr=1e-3, warmup_steps=50, decay="cosine", weight_decay=0.01,
       grad_clip=1.0, b2=0.98, groups=(),
   )  # fmt: skip
 
-  c.rl.steps = 100
+  c.rl.steps = 150
   c.rl.num_prompts = 32
   c.rl.gen_prompts = 32
   c.rl.max_rounds = 2
@@ -77,11 +77,13 @@ def demo_config(runlocal: bool = False, algorithm: str = "dapo"):
   c.rl.sampling = dict(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=32)
   c.rl.overlong_cache = 8
   c.rl.optim = dict(
-      lr=1e-4, warmup_steps=5, decay="constant", weight_decay=0.0,
+      lr=1e-4, warmup_steps=10, decay="constant", weight_decay=0.0,
       grad_clip=1.0, b2=0.98, groups=(),
   )  # fmt: skip
 
-  c.eval = dict(every=250, num_examples=256, batch_size=128, final_examples=512)
+  c.eval = dict(
+      every=0, num_examples=256, batch_size=128, final_examples=512, sampled=4
+  )
   c.ckpt = dict(every=100, keep=2, async_save=True)
   c.log_every = 25
   if runlocal:

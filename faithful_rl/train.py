@@ -247,26 +247,31 @@ def _scalars(m: dict) -> dict[str, float]:
 
 
 def _results_table(results: dict, chance) -> str:
-  rows = [("chance (uniform guess)", chance)]
-  for key, label in (
+  """The run's held-out table: greedy and sampled accuracy per phase."""
+  fmt = lambda x: "n/a" if x is None else f"{x:.3f}"
+  lines = [
+      f"{'held-out accuracy':28s} {'greedy':8s} sampled (T=1, avg@k)",
+      "-" * 60,
+      f"{'chance (uniform guess)':28s} {fmt(chance):8s} {fmt(chance)}",
+  ]
+  phases = (
       ("init", "before training"),
       ("sft", "after SFT"),
       ("rl", "after RL"),
-  ):
+  )
+  for key, label in phases:
     if key in results:
-      rows.append((label, results[key].get("accuracy")))
-  lines = [
-      "held-out accuracy",
-      "-" * 40,
-  ]
-  for label, acc in rows:
-    lines.append(f"{label:28s} {'n/a' if acc is None else f'{acc:.3f}'}")
-  for key in ("sft", "rl"):
+      r = results[key]
+      lines.append(
+          f"{label:28s} {fmt(r.get('accuracy')):8s}"
+          f" {fmt(r.get('sampled_accuracy'))}"
+      )
+  for key, label in phases[1:]:
     r = results.get(key, {})
     if "evidence_mass" in r:
       lines.append(
-          f"{'evidence mass / pointing, ' + key:28s}"
-          f" {r['evidence_mass']:.3f} / {r.get('pointing_hit', 0):.3f}"
+          f"{'evidence mass / pointing':28s} {r['evidence_mass']:.3f} /"
+          f" {r.get('pointing_hit', 0):.3f}  ({label})"
       )
   return "\n".join(lines)
 
@@ -389,6 +394,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         probe_layers=tuple(config.rl.ease.layers),
         mesh=mesh,
         boxed_only=config.rl.get("boxed_only", False),
+        sampled=config.eval.get("sampled", 0),
+        temperature=config.rl.sampling.temperature,
     )
     out["time"] = time.perf_counter() - t0
     return out

@@ -96,8 +96,14 @@ def evaluate(
     mesh=None,
     num_samples_to_show: int = 4,
     boxed_only: bool = False,
+    sampled: int = 0,
+    temperature: float = 1.0,
 ) -> dict[str, Any]:
   """Greedy accuracy and attention diagnostics on `source`.
+
+  With `sampled` = k > 0, each question is also answered k times at
+  `temperature` (the policy RL trains), giving "sampled_accuracy", the mean
+  over the k answers (avg@k).
 
   Returns:
     {"accuracy", "format", "response_length", "evidence_mass",
@@ -148,6 +154,25 @@ def evaluate(
         for i in range(n)
     ]
     rw = rewards_lib.batch_rewards(texts, meta["answers"], meta["answer_types"])
+    if sampled:
+      sc = dataclasses.replace(
+          sampling, greedy=False, num_samples=sampled, temperature=temperature
+      )
+      ro_s = engine.sample(model, prompt, jax.random.key(1), sc)
+      t_s, m_s = np.asarray(ro_s.tokens), np.asarray(ro_s.mask)
+      texts_s = [
+          processor.decode(t_s[i][m_s[i]], skip_special_tokens=True)
+          for i in range(n * sampled)
+      ]
+      rep = lambda xs: [x for x in xs[:n] for _ in range(sampled)]
+      rw_s = rewards_lib.batch_rewards(
+          texts_s,
+          rep(meta["answers"]),
+          rep(meta["answer_types"]),
+          boxed_only=boxed_only,
+      )
+      per_q = rw_s["correct"].reshape(n, sampled).mean(1)
+      stats["sampled_accuracy"].extend(per_q.tolist())
     mass, hit, _ = _attention_stats_jit(
         params,
         graphdef,
