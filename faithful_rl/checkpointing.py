@@ -68,6 +68,25 @@ def check_compatible(workdir: str, config_dict: dict) -> None:
     )
 
 
+def _kill_when_writing(directory: str, step: int) -> None:
+  """Test hook: SIGKILL this process once `step`'s temporary folder exists.
+
+  Orbax writes a checkpoint into `<step>.orbax-checkpoint-tmp-*` and renames
+  it when complete; dying in between is a crash mid-write.
+  """
+  import threading  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+
+  def watch():
+    while True:
+      names = os.listdir(directory) if os.path.isdir(directory) else []
+      if any(n.startswith(f"{step}.") and "tmp" in n for n in names):
+        os.kill(os.getpid(), signal.SIGKILL)
+      time.sleep(0.0005)
+
+  threading.Thread(target=watch, daemon=True).start()
+
+
 class Checkpoints:
   """CheckpointManager over `workdir/checkpoints`, keeping the last N."""
 
@@ -85,6 +104,9 @@ class Checkpoints:
 
   def save(self, step: int, state: Any, host: dict[str, Any]) -> None:
     """Saves the train state pytree and the JSON-able host state."""
+    crash_at = os.environ.get("FAITHFUL_RL_TEST_CRASH_IN_SAVE")
+    if crash_at and int(crash_at) == step:
+      _kill_when_writing(self.directory, step)
     self.manager.save(
         step,
         args=ocp.args.Composite(
@@ -93,10 +115,6 @@ class Checkpoints:
         ),
         force=True,
     )
-    crash_at = os.environ.get("FAITHFUL_RL_TEST_CRASH_IN_SAVE")
-    if crash_at and int(crash_at) == step:
-      # Test hook: die while this checkpoint is being written.
-      os.kill(os.getpid(), signal.SIGKILL)
 
   def restore(self, step: int, abstract_state: Any):
     """(state, host) of `step`, the state placed as `abstract_state` says."""

@@ -440,20 +440,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       total=total_steps, initial=step, desc=stage, dynamic_ncols=True
   )
   t_last = time.perf_counter()
+
+  def enter_stage(name, start, end):
+    """A new stage starts with its own optimizer (fresh moments)."""
+    nonlocal stage, tx, abstract, shardings, state, stage_cfg, update
+    stage = name
+    bar.set_description(stage)
+    tx = make_tx(config, stage, state.params, end - start)
+    abstract, shardings = abstract_train_state(graphdef, state.params, tx, mesh)
+    state = jax.jit(
+        lambda p, s: steps.TrainState(p, tx.init(p), s),
+        out_shardings=shardings,
+    )(state.params, state.step)
+    stage_cfg, update = build_update(stage)
+
   while step < total_steps:
     name, s_start, s_end = stage_at(step)
-    if name != stage:  # stage boundary: fresh optimizer for the new stage
-      stage = name
-      bar.set_description(stage)
-      tx = make_tx(config, stage, state.params, s_end - s_start)
-      abstract, shardings = abstract_train_state(
-          graphdef, state.params, tx, mesh
-      )
-      state = jax.jit(
-          lambda p, s: steps.TrainState(p, tx.init(p), s),
-          out_shardings=shardings,
-      )(state.params, state.step)
-      stage_cfg, update = build_update(stage)
+    if name != stage:  # e.g. a stage of 0 steps was skipped
+      enter_stage(name, s_start, s_end)
     rng = jax.random.fold_in(base_rng, step)
     t0 = time.perf_counter()
     if stage == "sft":
@@ -509,6 +513,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if kill_at and int(kill_at) == step:  # test hook: die mid-training
       writer.flush()
       os.kill(os.getpid(), signal.SIGKILL)
+    if boundary and step < total_steps:
+      # Enter the next stage before saving, so that the boundary checkpoint
+      # holds the state a resumed run continues from (its fresh optimizer).
+      enter_stage(*stage_at(step))
     if boundary or step % config.ckpt.every == 0 or step == total_steps:
       save(step)
   bar.close()
