@@ -105,10 +105,10 @@ class Writer:
 
 def plot_curves(path: str, out_png: str, keys=None) -> str:
   """Learning curves (one panel per metric, train and eval) to a PNG."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  # A figure on its own Agg canvas: never touches pyplot's global backend
+  # (notebooks keep showing their inline figures after a training run).
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
   rows = read_jsonl(path)
   keys = keys or ("reward", "accuracy", "loss", "response_length", "entropy")
@@ -117,9 +117,9 @@ def plot_curves(path: str, out_png: str, keys=None) -> str:
   ]
   if not panels:
     raise ValueError(f"{path}: none of {keys} was logged")
-  fig, axes = plt.subplots(
-      1, len(panels), figsize=(4 * len(panels), 3), squeeze=False
-  )
+  fig = Figure(figsize=(4 * len(panels), 3))
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(1, len(panels), squeeze=False)
   for ax, key in zip(axes[0], panels):
     for split in sorted({r.get("split", "train") for r in rows}):
       pts = [
@@ -136,5 +136,4 @@ def plot_curves(path: str, out_png: str, keys=None) -> str:
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(out_png, dpi=100)
-  plt.close(fig)
   return out_png

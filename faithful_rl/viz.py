@@ -8,16 +8,6 @@ import numpy as np
 
 
 def _plt():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  if matplotlib.get_backend().lower() not in (
-      "agg",
-      "module://matplotlib_inline.backend_inline",
-  ):
-    try:
-      matplotlib.use("Agg")
-    except Exception:  # pylint: disable=broad-except
-      pass
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   return plt
