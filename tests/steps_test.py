@@ -94,13 +94,19 @@ def test_ease_gate_gives_exactly_zero_gradient_below_tau(setup):
   )
   rng = np.random.default_rng(0)
   grad = jax.jit(
-      jax.grad(lambda p, bt: steps.rl_loss(p, graphdef, bt, jax.random.key(0), cfg)[0]),
+      jax.grad(
+          lambda p, bt: steps.rl_loss(p, graphdef, bt, jax.random.key(0), cfg)[
+              0
+          ]
+      ),
   )
   below = _dev(_rl_batch(batch, g, [0.0] * 8, rng))
   leaves = jax.tree.leaves(grad(params, below))
   assert all(float(jnp.abs(x).max()) == 0.0 for x in leaves)
   above = _dev(_rl_batch(batch, g, [1.0, 0.0] * 4, rng))
-  total = sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(grad(params, above)))
+  total = sum(
+      float(jnp.abs(x).sum()) for x in jax.tree.leaves(grad(params, above))
+  )
   assert total > 0
 
 
