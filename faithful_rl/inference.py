@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from faithful_rl import checkpointing
 from faithful_rl import losses
 from faithful_rl import models
 from faithful_rl import rewards as rewards_lib
@@ -41,8 +42,6 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def load_run(workdir: str, step: int | None = None):
   """(model, processor, config) of a training run's checkpoint."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
   from faithful_rl import train  # pylint: disable=g-import-not-at-top
 
   config = load_config(workdir)
@@ -53,17 +52,9 @@ def load_run(workdir: str, step: int | None = None):
   graphdef, abstract = nnx.split(
       nnx.eval_shape(lambda: models.create(model_config, dtype=dtype))
   )
-  target = nnx.to_pure_dict(abstract)
-  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-  with ocp.CheckpointManager(ckpt_dir) as mngr:
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"{ckpt_dir}: no checkpoint")
-    restored = mngr.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-    )
-  params = nnx.restore_int_paths(restored["state"]["params"])
-  params = jax.tree.map(lambda t, x: jnp.asarray(x, t.dtype), target, params)
+  params = checkpointing.load_params(
+      workdir, nnx.to_pure_dict(abstract), step=step
+  )
   return nnx.merge(graphdef, params), processor, config
 
 

@@ -144,6 +144,22 @@ def _visual_keys(model, batch: dict, g: int):
   return jnp.repeat(pos, g, axis=0), jnp.repeat(valid, g, axis=0)
 
 
+def response_probe(model, batch, mask, rng, g, num_queries, layers):
+  """Probe of up to K sampled response rows over the prompt's visual tokens.
+
+  Returns (probe, query_valid bool[n, K], key_valid bool[n, V]).
+  """
+  qpos, qvalid = losses.sample_query_rows(rng, mask, k=num_queries)
+  kpos, kvalid = _visual_keys(model, batch, g)
+  probe = AttentionProbe(
+      query_positions=qpos,
+      key_positions=kpos,
+      key_valid=kvalid,
+      layers=probe_layers(layers, model),
+  )
+  return probe, qvalid, kvalid
+
+
 def _rep(x, g):
   return jnp.repeat(x, g, axis=0)
 
@@ -209,13 +225,8 @@ def rl_loss(params, graphdef, batch: dict, rng, cfg: RLConfig):
   tokens, mask = batch["tokens"], batch["mask"]
   probe, qvalid, kvalid = None, None, None
   if cfg.ease.enabled:
-    qpos, qvalid = losses.sample_query_rows(rng, mask, k=cfg.ease.num_queries)
-    kpos, kvalid = _visual_keys(model, batch, g)
-    probe = AttentionProbe(
-        query_positions=qpos,
-        key_positions=kpos,
-        key_valid=kvalid,
-        layers=probe_layers(cfg.ease.layers, model),
+    probe, qvalid, kvalid = response_probe(
+        model, batch, mask, rng, g, cfg.ease.num_queries, cfg.ease.layers
     )
   logp, ent, out = rollout.score(
       model,
@@ -301,13 +312,8 @@ def analyze(params, graphdef, batch: dict, rng, cfg: RLConfig) -> dict:
   r_cfg = cfg.reinforce
   k_probe, k_vppo = jax.random.split(rng)
   if r_cfg.enabled:
-    qpos, qvalid = losses.sample_query_rows(k_probe, mask, k=r_cfg.num_queries)
-    kpos, kvalid = _visual_keys(model, batch, g)
-    probe = AttentionProbe(
-        query_positions=qpos,
-        key_positions=kpos,
-        key_valid=kvalid,
-        layers=probe_layers(r_cfg.layers, model),
+    probe, qvalid, kvalid = response_probe(
+        model, batch, mask, k_probe, g, r_cfg.num_queries, r_cfg.layers
     )
     logp, _, fwd = rollout.score(
         model,

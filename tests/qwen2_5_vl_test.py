@@ -504,3 +504,11 @@ def test_image_token_mismatch_is_an_error():
     inputs_lib.split_hf_images(ids, pix, [(1, 8, 12)], config)
   with pytest.raises(ValueError, match="bucket"):
     inputs_lib.vision_inputs([pix], [[(1, 8, 8)]], 32, config.vision)
+
+
+def test_config_round_trips_through_transformers():
+  from faithful_rl.models import archs
+
+  for config in (helpers.tiny_config(), *archs.ARCHS.values()):
+    back = models.ModelConfig.from_hf(config.to_hf())
+    assert back == config

@@ -162,35 +162,18 @@ class ModelConfig:
       eos = tuple(eos)
     return cls(
         family=family,
-        text=TextConfig(
-            vocab_size=t.vocab_size,
-            hidden_size=t.hidden_size,
-            intermediate_size=t.intermediate_size,
-            num_hidden_layers=t.num_hidden_layers,
-            num_attention_heads=t.num_attention_heads,
-            num_key_value_heads=t.num_key_value_heads,
-            hidden_act=t.hidden_act,
+        text=_from_fields(
+            TextConfig,
+            t,
             rms_norm_eps=float(t.rms_norm_eps),
             rope_theta=float(rope.get("rope_theta", 1000000.0)),
             mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
-            max_position_embeddings=t.max_position_embeddings,
             tie_word_embeddings=bool(hf_config.tie_word_embeddings),
         ),
-        vision=VisionConfig(
-            depth=v.depth,
-            hidden_size=v.hidden_size,
-            intermediate_size=v.intermediate_size,
-            num_heads=v.num_heads,
-            in_channels=v.in_channels,
-            patch_size=v.patch_size,
-            spatial_merge_size=v.spatial_merge_size,
-            temporal_patch_size=v.temporal_patch_size,
-            window_size=v.window_size,
-            out_hidden_size=v.out_hidden_size,
-            fullatt_block_indexes=tuple(v.fullatt_block_indexes),
-            hidden_act=v.hidden_act,
+        vision=_from_fields(
+            VisionConfig,
+            v,
             rope_theta=float(vrope.get("rope_theta", 10000.0)),
-            tokens_per_second=v.tokens_per_second,
         ),
         image_token_id=hf_config.image_token_id,
         video_token_id=hf_config.video_token_id,
@@ -211,51 +194,47 @@ class ModelConfig:
         if isinstance(self.eos_token_id, tuple)
         else (self.eos_token_id)
     )
+    special = ("rope_theta", "mrope_section", "tie_word_embeddings")
+    text = _to_fields(t, special)
+    text["rope_parameters"] = dict(
+        rope_type="default",
+        rope_theta=t.rope_theta,
+        mrope_section=list(t.mrope_section),
+    )
+    vision = _to_fields(v, ("rope_theta",))
+    vision["rope_parameters"] = dict(rope_type="axial", rope_theta=v.rope_theta)
+    ids = dict(bos_token_id=self.bos_token_id, eos_token_id=eos,
+               pad_token_id=self.pad_token_id)  # fmt: skip
     return Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=t.vocab_size,
-            hidden_size=t.hidden_size,
-            intermediate_size=t.intermediate_size,
-            num_hidden_layers=t.num_hidden_layers,
-            num_attention_heads=t.num_attention_heads,
-            num_key_value_heads=t.num_key_value_heads,
-            hidden_act=t.hidden_act,
-            rms_norm_eps=t.rms_norm_eps,
-            max_position_embeddings=t.max_position_embeddings,
-            rope_parameters=dict(
-                rope_type="default",
-                rope_theta=t.rope_theta,
-                mrope_section=list(t.mrope_section),
-            ),
-            bos_token_id=self.bos_token_id,
-            eos_token_id=eos,
-            pad_token_id=self.pad_token_id,
-        ),
-        vision_config=dict(
-            depth=v.depth,
-            hidden_size=v.hidden_size,
-            intermediate_size=v.intermediate_size,
-            num_heads=v.num_heads,
-            in_channels=v.in_channels,
-            patch_size=v.patch_size,
-            spatial_merge_size=v.spatial_merge_size,
-            temporal_patch_size=v.temporal_patch_size,
-            window_size=v.window_size,
-            out_hidden_size=v.out_hidden_size,
-            fullatt_block_indexes=list(v.fullatt_block_indexes),
-            hidden_act=v.hidden_act,
-            tokens_per_second=v.tokens_per_second,
-            rope_parameters=dict(rope_type="axial", rope_theta=v.rope_theta),
-        ),
+        text_config=dict(text, **ids),
+        vision_config=vision,
         image_token_id=self.image_token_id,
         video_token_id=self.video_token_id,
         vision_start_token_id=self.vision_start_token_id,
         vision_end_token_id=self.vision_end_token_id,
         tie_word_embeddings=t.tie_word_embeddings,
-        bos_token_id=self.bos_token_id,
-        eos_token_id=eos,
-        pad_token_id=self.pad_token_id,
+        **ids,
     )
+
+
+def _from_fields(cls, src, **special):
+  """`cls` from the same-named attributes of an HF config, plus `special`."""
+  values = {}
+  for f in dataclasses.fields(cls):
+    if f.name in special or not hasattr(src, f.name):
+      continue
+    value = getattr(src, f.name)
+    values[f.name] = tuple(value) if isinstance(value, list) else value
+  return cls(**values, **special)
+
+
+def _to_fields(cfg, skip) -> dict[str, Any]:
+  """The dataclass's fields as an HF config dict (tuples as lists)."""
+  return {
+      f.name: list(v) if isinstance(v := getattr(cfg, f.name), tuple) else v
+      for f in dataclasses.fields(cfg)
+      if f.name not in skip
+  }
 
 
 def read_config(hf_dir: str) -> ModelConfig:
