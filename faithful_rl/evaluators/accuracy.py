@@ -5,7 +5,8 @@ answers greedily; the answer is verified against the reference. The same
 responses are then scored teacher-forced with the attention probe on up to
 K response rows, giving per example the evidence attention mass (share of
 visual attention on tokens inside the evidence boxes) and the pointing
-game (is the most-attended visual token inside a box). Metrics are means
+game (is the most-attended visual token inside a box), and the KL from
+the EASE target to that attention. Metrics are means
 over examples (attention metrics over examples that have boxes), overall
 and per task family.
 """
@@ -76,7 +77,10 @@ def _attention_stats(params, graphdef, batch, tokens, mask, spec: ProbeSpec):
       attention=out.visual_attention, valid=kvalid, query_mask=qvalid
   )
   mass, hit = losses.attention_diagnostics(a, batch["evidence_mask"], kvalid)
-  return mass, hit, a
+  kl = losses.attention_kl(
+      attention=a, target=batch["ease_target"], valid=kvalid, renormalize=False
+  )
+  return mass, hit, kl
 
 
 _attention_stats_jit = jax.jit(_attention_stats, static_argnums=(1, 5))
@@ -173,15 +177,19 @@ def evaluate(
       )
       per_q = rw_s["correct"].reshape(n, sampled).mean(1)
       stats["sampled_accuracy"].extend(per_q.tolist())
-    mass, hit, _ = _attention_stats_jit(
+    mass, hit, kl = _attention_stats_jit(
         params,
         graphdef,
-        {**prompt, "evidence_mask": jnp.asarray(arrays["evidence_mask"])},
+        {
+            **prompt,
+            "evidence_mask": jnp.asarray(arrays["evidence_mask"]),
+            "ease_target": jnp.asarray(arrays["ease_target"]),
+        },
         jnp.asarray(tokens),
         jnp.asarray(mask),
         ProbeSpec(layers=layers),
     )
-    mass, hit = np.asarray(mass), np.asarray(hit)
+    mass, hit, kl = np.asarray(mass), np.asarray(hit), np.asarray(kl)
     for i in range(n):
       fam = meta["families"][i] or "all"
       stats["accuracy"].append(rw["correct"][i])
@@ -192,6 +200,7 @@ def evaluate(
       if arrays["has_boxes"][i]:
         stats["evidence_mass"].append(mass[i])
         stats["pointing_hit"].append(hit[i])
+        stats["attn_kl"].append(kl[i])  # KL(EASE target || attention)
         stats[f"evidence_mass/{fam}"].append(mass[i])
       if len(samples) < num_samples_to_show:
         samples.append(
