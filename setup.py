@@ -40,7 +40,7 @@ setuptools.setup(
         "test": [
             "pytest>=8",
             "torch==2.13.0",
-            "pyink>=26",
+            "pyink==26.5.1",
             "nbclient",
             "nbformat",
             "ipykernel",

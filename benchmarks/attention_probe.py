@@ -26,7 +26,13 @@ from faithful_rl import losses
 from faithful_rl.models.qwen2_5_vl import AttentionProbe
 from faithful_rl.models.qwen2_5_vl import probe_attention
 
-HEADS, KV_HEADS, HEAD_DIM, VISUAL, K = 16, 4, 128, 256, 64  # 256: one 448-px image
+HEADS, KV_HEADS, HEAD_DIM, VISUAL, K = (
+    16,
+    4,
+    128,
+    256,
+    64,
+)  # 256: one 448-px image
 
 
 def _setup(t: int, batch: int):
