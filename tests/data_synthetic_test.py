@@ -1,6 +1,7 @@
 """Synthetic evidence-VQA: determinism, exact boxes, balance, TFDS, tokenizer."""
 
 import collections
+import dataclasses
 import io
 
 import numpy as np
@@ -94,17 +95,21 @@ def test_answers_balanced_and_question_only_baseline_at_chance():
 
 
 def test_tfds_builder_round_trip(tmp_path):
-  builders.build_synthetic(
+  cfg = dataclasses.replace(CFG, families=("count", "exist"))
+  builder = builders.build_synthetic(
       str(tmp_path),
       "default",
       name="tiny",
       num_train=9,
       num_validation=3,
       num_test=0,
+      synthetic=cfg,
   )
+  # The description states this config's knobs, not the default's.
+  assert "families count, exist," in builder.builder_config.description
   src = data.data_source("evidence_vqa/tiny", "train", str(tmp_path))
   assert len(src) == 9
-  expected = list(synthetic.generate(CFG, "train", 9))
+  expected = list(synthetic.generate(cfg, "train", 9))
   for i in range(9):
     got = src[i]
     assert got["id"].decode() == expected[i]["id"]

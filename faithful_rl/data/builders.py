@@ -168,6 +168,8 @@ def build_synthetic(
       config = dataclasses.replace(
           base.get(config, EvidenceVqaConfig(name="x")), **config_overrides
       )
+      if "description" not in config_overrides:
+        config.description = _describe(config.synthetic)
     else:
       config = base[config]
   builder = EvidenceVqa(
@@ -175,6 +177,15 @@ def build_synthetic(
   )
   builder.download_and_prepare()
   return builder
+
+
+def _describe(cfg: synthetic.SyntheticConfig) -> str:
+  sides = sorted({s for size in cfg.image_sizes for s in size})
+  px = f"{sides[0]}" if len(sides) == 1 else f"{sides[0]}..{sides[-1]}"
+  return (
+      f"{px}-px images, families {', '.join(cfg.families)}, <= "
+      f"{cfg.max_distractors} distractors, difficulty {cfg.difficulty}."
+  )
 
 
 # ---------------------------------------------------------------------------
