@@ -37,7 +37,14 @@ BASES = {
     "sft": "configs/demo.py",
     "anchor": "configs/qwen2_5_vl_faithful_mr1.py:demo",
 }
-METRICS = ("accuracy", "evidence_mass", "pointing_hit")
+METRICS = {
+    # results key: column title
+    "accuracy": "greedy accuracy",
+    "sampled_accuracy": "sampled accuracy (T=1, avg@4)",
+    "evidence_mass": "evidence mass",
+    "pointing_hit": "pointing game",
+    "accuracy/count": "count accuracy",
+}
 
 
 def run(config, workdir, overrides, log):
@@ -104,6 +111,8 @@ def _stat(values):
 
 
 def report(out: str):
+  """Mean ± sd over seeds of each metric after SFT, after RL and their
+  per-seed difference (RL minus the same seed's SFT base)."""
   results = json.load(open(os.path.join(out, "results.json")))
   rows = []
   for method in METHODS:
@@ -111,28 +120,39 @@ def report(out: str):
     if not runs:
       continue
     row = {"method": method, "seeds": len(runs)}
-    for phase in ("after_sft", "after_rl"):
-      for m in METRICS:
-        row[f"{phase}/{m}"] = _stat([(r[phase] or {}).get(m) for r in runs])
+    for m in METRICS:
+      sft = [(r["after_sft"] or {}).get(m) for r in runs]
+      rl = [(r["after_rl"] or {}).get(m) for r in runs]
+      row[f"after_sft/{m}"] = _stat(sft)
+      row[f"after_rl/{m}"] = _stat(rl)
+      row[f"delta/{m}"] = _stat(
+          [b - a for a, b in zip(sft, rl) if a is not None and b is not None]
+      )
     rows.append(row)
-  lines = [
-      (
-          "| method | seeds | accuracy after SFT | accuracy after RL |"
-          " evidence mass after RL | pointing game after RL |"
-      ),
-      "|---|---|---|---|---|---|",
-  ]
   fmt = lambda s: f"{s[0]:.3f} ± {s[1]:.3f}"
-  for r in rows:
-    lines.append(
-        f"| {r['method']} | {r['seeds']} | {fmt(r['after_sft/accuracy'])} |"
-        f" {fmt(r['after_rl/accuracy'])} |"
-        f" {fmt(r['after_rl/evidence_mass'])} |"
-        f" {fmt(r['after_rl/pointing_hit'])} |"
-    )
+  sign = lambda s: f"{s[0]:+.3f} ± {s[1]:.3f}"
+  lines = []
+  for title, cell in (
+      ("After RL (mean ± sd over seeds)", lambda r, m: fmt(r[f"after_rl/{m}"])),
+      (
+          "RL minus its own SFT base, per seed",
+          lambda r, m: sign(r[f"delta/{m}"]),
+      ),
+      ("The SFT bases", lambda r, m: fmt(r[f"after_sft/{m}"])),
+  ):
+    lines += [
+        f"**{title}**",
+        "",
+        "| method | seeds | " + " | ".join(METRICS.values()) + " |",
+        "|---|---|" + "---|" * len(METRICS),
+    ]
+    for r in rows:
+      cells = " | ".join(cell(r, m) for m in METRICS)
+      lines.append(f"| {r['method']} | {r['seeds']} | {cells} |")
+    lines.append("")
   table = "\n".join(lines)
   with open(os.path.join(out, "table.md"), "w") as f:
-    f.write(table + "\n")
+    f.write(table)
   print(table)
   _plot(rows, os.path.join(out, "ablation.png"))
   return rows
@@ -144,17 +164,18 @@ def _plot(rows, path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+  metrics = list(METRICS)[:4]
+  fig, axes = plt.subplots(1, len(metrics), figsize=(15, 3.4))
   names = [r["method"] for r in rows]
   x = np.arange(len(rows))
-  for ax, m in zip(axes, METRICS):
+  for ax, m in zip(axes, metrics):
     for j, phase in enumerate(("after_sft", "after_rl")):
       mean = [r[f"{phase}/{m}"][0] for r in rows]
       std = [r[f"{phase}/{m}"][1] for r in rows]
       ax.bar(x + 0.38 * j, mean, 0.38, yerr=std, label=phase, capsize=3)
     ax.set_xticks(x + 0.19)
     ax.set_xticklabels(names, rotation=15, fontsize=8)
-    ax.set_title(m.replace("_", " ") + " (held-out)")
+    ax.set_title(METRICS[m] + ", held-out", fontsize=9)
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -167,8 +188,8 @@ def main():
       "--out", default=os.path.join(ROOT, "experiments/ablation")
   )
   parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--sft_steps", type=int, default=600)
-  parser.add_argument("--rl_steps", type=int, default=60)
+  parser.add_argument("--sft_steps", type=int, default=300)
+  parser.add_argument("--rl_steps", type=int, default=80)
   parser.add_argument(
       "--override",
       action="append",
