@@ -63,14 +63,19 @@ class AttentionProbe:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  """Per-layer keys and values, dtype[B, S, K, d] each."""
+  """Per-layer keys and values, dtype[B, K, S, d] each.
+
+  Heads before slots, so that a decoding step's two attention products read
+  the cache as it lies (a [B, S, K, d] cache is transposed, i.e. copied
+  whole, per layer and step).
+  """
 
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
 
   @classmethod
   def zeros(cls, cfg: TextConfig, batch: int, length: int, dtype):
-    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    shape = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
     n = cfg.num_hidden_layers
     return cls(
         k=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
@@ -79,7 +84,7 @@ class KVCache:
 
   @property
   def length(self) -> int:
-    return self.k[0].shape[1]
+    return self.k[0].shape[2]
 
 
 @jax.tree_util.register_dataclass
@@ -131,7 +136,7 @@ def probe_attention(
 
   Args:
     q: [B, T, H, d] queries after RoPE.
-    k: [B, S, K, d] keys after RoPE.
+    k: [B, K, S, d] keys after RoPE.
     key_mask: bool[B, S], keys that exist.
     query_slots: int32[B, T], key slot of each query (causal bound).
     probe: which rows and columns.
@@ -141,16 +146,16 @@ def probe_attention(
     float32[B, H, Q, V] probabilities (softmax over all S keys).
   """
   b, _, h, d = q.shape
-  kh = k.shape[2]
+  kh, s = k.shape[1], k.shape[2]
   qpos = probe.query_positions
   q_sel = jnp.take_along_axis(q, qpos[:, :, None, None], axis=1)  # [B,Q,H,d]
   slot = jnp.take_along_axis(query_slots, qpos, axis=1)  # [B, Q]
   qg = q_sel.reshape(b, -1, kh, h // kh, d)
   logits = jnp.einsum(
-      "bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32
-  ).reshape(b, h, -1, k.shape[1])
+      "bqkgd,bksd->bkgqs", qg, k, preferred_element_type=jnp.float32
+  ).reshape(b, h, -1, s)
   logits = logits * scale
-  s_idx = jnp.arange(k.shape[1])
+  s_idx = jnp.arange(s)
   allowed = key_mask[:, None, :] & (s_idx[None, None, :] <= slot[:, :, None])
   logits = jnp.where(allowed[:, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
@@ -187,13 +192,16 @@ class Attention(nnx.Module):
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, d]
     if layer_cache is not None:
       ck, cv = layer_cache
-      start = (0, ctx.cache_index, 0, 0)
+      start = (0, 0, ctx.cache_index, 0)
       k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
       v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
     scale = self.head_dim**-0.5
-    out = layers.masked_softmax_attention(q, k, v, ctx.mask, scale)
+    out = layers.masked_softmax_attention(
+        q, k, v, ctx.mask, scale, heads_first=True
+    )
     probe = None
     if ctx.probe is not None:
       probe = probe_attention(
