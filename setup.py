@@ -35,6 +35,7 @@ setuptools.setup(
         "math-verify>=0.9",
         "matplotlib",
         "psutil",
+        "jinja2>=3.1",  # the tokenizer chat templates
     ],
     extras_require={
         "test": [
