@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 from typing import Any, Sequence
 
 import numpy as np
@@ -52,13 +54,14 @@ def show_answers(answers: Sequence[dict[str, Any]], out_png: str | None = None):
   """One panel per `inference.answer` result: question, answer, heatmap."""
   plt = _plt()
   n = len(answers)
-  fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.8), squeeze=False)
+  fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 4.0), squeeze=False)
   for ax, a in zip(axes[0], answers):
     heatmap_on_image(ax, a["image"], a["attention"], a["boxes"])
     mark = "ok" if a["correct"] else "wrong"
-    ax.set_title(
-        f"{a['question']}\n-> {a['response'][-28:]} ({mark})", fontsize=7
-    )
+    response = textwrap.wrap(f"-> {a['response']} ({mark})", 50)
+    if len(response) > 2:  # keep the end: the boxed answer and the mark
+      response = ["... " + " ".join(response[-2:])[-40:]]
+    ax.set_title("\n".join([a["question"]] + response), fontsize=7)
   fig.tight_layout()
   if out_png:
     fig.savefig(out_png, dpi=110)
