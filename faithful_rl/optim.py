@@ -13,7 +13,6 @@ import re
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from faithful_rl.sharding import path_str
