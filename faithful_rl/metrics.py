@@ -41,6 +41,15 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
   return rows
 
 
+def scalars(m: dict) -> dict[str, float]:
+  """The 0-d entries of a metrics dict, as Python floats."""
+  out = {}
+  for k, v in m.items():
+    if np.ndim(v) == 0:
+      out[k] = float(v)
+  return out
+
+
 def _clean(value):
   if isinstance(value, (np.generic, np.ndarray)):
     value = value.item() if np.ndim(value) == 0 else value.tolist()

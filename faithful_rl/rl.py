@@ -8,6 +8,7 @@ advantages, and minibatches.
   finalize(batch, analysis)    # rewards (+ attention reward), advantages
   for mb in minibatches(batch): update(...)
 
+`iteration` runs that sequence once; `train.train` calls it every RL step.
 Arrays are numpy on the host; `steps` jits the device parts.
 """
 
@@ -18,9 +19,12 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from faithful_rl import losses
+from faithful_rl import metrics as metrics_lib
 from faithful_rl import rewards as rewards_lib
 from faithful_rl import rollout
 from faithful_rl.data import batching
@@ -331,3 +335,132 @@ def minibatches(arrays: dict[str, Any], *, num_samples: int, num: int, rng):
       elif k in ROW_LEVEL:
         mb[k] = v[rows]
     yield mb
+
+
+def iteration(
+    config,
+    cfg,
+    *,
+    state,
+    graphdef,
+    update,
+    analyze,
+    ref_logprobs,
+    ref_holder: list,
+    prompts,
+    processor,
+    engine: rollout.Engine,
+    model_config,
+    buckets,
+    rng,
+    put,
+    black,
+    step: int,
+):
+  """One RL iteration: collect, assemble, analyse, finalise, update.
+
+  Args:
+    config: the run's config; `cfg` its RL stage section (`config.rl`
+      with the stage's overrides).
+    state, graphdef: the train state and the model's graph.
+    update, analyze, ref_logprobs: the jitted device steps
+      (`steps.make_update`, `steps.analyze`, the reference log-probs).
+    ref_holder: a one-element list holding the frozen reference params
+      (set at the first RL step when `kl_beta > 0`).
+    prompts: the prompt iterator; processor, engine, model_config,
+      buckets: as `collect` and `assemble` take them.
+    rng: this step's key; put: host -> device placement; black: the
+      counterfactual fill patch; step: the global step (seeds minibatches).
+
+  Returns:
+    (new state, float metrics of the step).
+  """
+  rc = config.rl
+  timings = {}
+  model = nnx.merge(graphdef, state.params)
+  sampling = rollout.SamplingConfig.from_config(
+      rc.sampling,
+      num_samples=rc.num_samples,
+      stop_tokens=(processor.ids.im_end,),
+      pad_token=processor.ids.pad,
+  )
+  reward_kwargs = dict(
+      format_weight=rc.format_weight, boxed_only=rc.get("boxed_only", False)
+  )
+  if rc.overlong == "shaping":
+    reward_kwargs.update(
+        max_len=sampling.max_new_tokens, cache_len=rc.overlong_cache
+    )
+  k_roll, k_an, k_up = jax.random.split(rng, 3)
+  groups = collect(
+      model,
+      engine,
+      prompts,
+      processor,
+      num_prompts=rc.num_prompts,
+      gen_prompts=rc.gen_prompts,
+      sampling=sampling,
+      reward_kwargs=reward_kwargs,
+      dynamic=rc.dynamic_sampling,
+      max_rounds=rc.max_rounds,
+      rng=k_roll,
+      put=put,
+      cf_rollout=cfg.reinforce.enabled and cfg.reinforce.test == "rollout_flip",
+  )
+  t0 = time.perf_counter()
+  arrays = assemble(
+      groups, model_config=model_config, buckets=buckets, overlong=rc.overlong
+  )
+  arrays["black_patch"] = black
+  analysis = {}
+  if cfg.reinforce.enabled or cfg.vppo.enabled:
+    analysis = jax.device_get(
+        analyze(state.params, graphdef, put(arrays), k_an, cfg)
+    )
+  stats = finalize(
+      arrays,
+      groups,
+      analysis,
+      num_samples=rc.num_samples,
+      reinforce=cfg.reinforce,
+      vppo=cfg.vppo,
+      std_mode=rc.std_mode,
+      scale=rc.scale_advantages,
+  )
+  if rc.kl_beta > 0:
+    if ref_holder[0] is None:  # frozen at the first RL step
+      ref_holder[0] = jax.tree.map(jnp.copy, state.params)
+    arrays["ref_logp"] = np.asarray(
+        ref_logprobs(ref_holder[0], graphdef, put(arrays), cfg)
+    )
+  timings["time/analysis"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  np_rng = np.random.default_rng([config.seed, step])
+  m_all = []
+  train_arrays = {k: v for k, v in arrays.items() if k != "total_rewards"}
+  for epoch in range(rc.ppo_epochs):
+    for mb in minibatches(
+        train_arrays,
+        num_samples=rc.num_samples,
+        num=rc.num_minibatches,
+        rng=np_rng,
+    ):
+      mb["black_patch"] = black
+      state, m = update(state, put(mb), jax.random.fold_in(k_up, epoch))
+      m_all.append(metrics_lib.scalars(jax.device_get(m)))
+  timings["time/update"] = time.perf_counter() - t0
+  m = {k: float(np.mean([x[k] for x in m_all])) for k in m_all[0]}
+  r = groups.rewards
+  m.update(
+      reward=float(np.mean(arrays["total_rewards"])),
+      accuracy=float(groups.stats["sampled_accuracy"]),
+      batch_accuracy=float(r["correct"].mean()),  # kept groups only
+      format=float(r["format"].mean()),
+      overlong=float(r["overlong"].mean()),
+      response_length=float(groups.lengths.mean()),
+      truncated=float(groups.truncated.mean()),
+      **{k: float(v) for k, v in groups.stats.items()},
+      **stats,
+      **timings,
+  )
+  return state, m

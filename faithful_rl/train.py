@@ -238,14 +238,6 @@ def make_tx(config, stage: str, params, total: int):
   return optim.from_config(params, config[stage].optim, total)
 
 
-def _scalars(m: dict) -> dict[str, float]:
-  out = {}
-  for k, v in m.items():
-    if np.ndim(v) == 0:
-      out[k] = float(v)
-  return out
-
-
 def _results_table(results: dict, chance) -> str:
   """The run's held-out table: greedy and sampled accuracy per phase."""
   fmt = lambda x: "n/a" if x is None else f"{x:.3f}"
@@ -435,7 +427,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   )
   if latest is None and "init" not in results:
     results["init"] = _eval_summary(run_eval(*table_split))
-    writer.write(0, _scalars(results["init"]), split=table_split[0])
+    writer.write(0, metrics_lib.scalars(results["init"]), split=table_split[0])
   bar = tqdm.tqdm(
       total=total_steps, initial=step, desc=stage, dynamic_ncols=True
   )
@@ -465,14 +457,28 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if step == config.debug.nan_at_step:
         batch["vision"].pixel_values[:] = np.nan
       state, m = update(state, put(batch), rng)
-      m = _scalars(jax.device_get(m))
+      m = metrics_lib.scalars(jax.device_get(m))
       m["time/step"] = time.perf_counter() - t0
     else:
-      state, m = _rl_step(
-          config, stage_cfg, update, analyze, ref_logprobs, state, graphdef,
-          iters["rl"], processor, engine, model_config, buckets, rng, put,
-          black, step, ref_holder,
-      )  # fmt: skip
+      state, m = rl.iteration(
+          config,
+          stage_cfg,
+          state=state,
+          graphdef=graphdef,
+          update=update,
+          analyze=analyze,
+          ref_logprobs=ref_logprobs,
+          ref_holder=ref_holder,
+          prompts=iters["rl"],
+          processor=processor,
+          engine=engine,
+          model_config=model_config,
+          buckets=buckets,
+          rng=rng,
+          put=put,
+          black=black,
+          step=step,
+      )
     loss = m.get("loss", 0.0)
     if not math.isfinite(loss):
       ckpts.wait()
@@ -498,14 +504,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     boundary = step == s_end
     if boundary:  # held-out table entry: the test split, same examples
       results[stage] = _eval_summary(run_eval(*table_split))
-      writer.write(step, _scalars(results[stage]), split=table_split[0])
+      writer.write(
+          step, metrics_lib.scalars(results[stage]), split=table_split[0]
+      )
       tqdm.tqdm.write(
           f"[eval] after {stage} (step {step}):"
           f" accuracy {results[stage].get('accuracy', float('nan')):.3f}"
       )
     elif config.eval.every and step % config.eval.every == 0:
       ev = _eval_summary(run_eval("eval", config.eval.num_examples))
-      writer.write(step, _scalars(ev), split="eval")
+      writer.write(step, metrics_lib.scalars(ev), split="eval")
       tqdm.tqdm.write(
           f"[eval] step {step}: accuracy {ev.get('accuracy', float('nan')):.3f}"
       )
@@ -540,103 +548,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def _eval_summary(ev: dict) -> dict:
   return {k: v for k, v in ev.items() if k != "samples"}
-
-
-def _rl_step(
-    config, cfg, update, analyze, ref_logprobs, state, graphdef, it,
-    processor, engine, model_config, buckets, rng, put, black, step,
-    ref_holder,
-):  # fmt: skip
-  """One RL iteration: collect, assemble, analyse, finalise, update."""
-  rc = config.rl
-  timings = {}
-  model = nnx.merge(graphdef, state.params)
-  sampling = rollout.SamplingConfig.from_config(
-      rc.sampling,
-      num_samples=rc.num_samples,
-      stop_tokens=(processor.ids.im_end,),
-      pad_token=processor.ids.pad,
-  )
-  reward_kwargs = dict(
-      format_weight=rc.format_weight, boxed_only=rc.get("boxed_only", False)
-  )
-  if rc.overlong == "shaping":
-    reward_kwargs.update(
-        max_len=sampling.max_new_tokens, cache_len=rc.overlong_cache
-    )
-  k_roll, k_an, k_up = jax.random.split(rng, 3)
-  groups = rl.collect(
-      model,
-      engine,
-      it,
-      processor,
-      num_prompts=rc.num_prompts,
-      gen_prompts=rc.gen_prompts,
-      sampling=sampling,
-      reward_kwargs=reward_kwargs,
-      dynamic=rc.dynamic_sampling,
-      max_rounds=rc.max_rounds,
-      rng=k_roll,
-      put=put,
-      cf_rollout=cfg.reinforce.enabled and cfg.reinforce.test == "rollout_flip",
-  )
-  t0 = time.perf_counter()
-  arrays = rl.assemble(
-      groups, model_config=model_config, buckets=buckets, overlong=rc.overlong
-  )
-  arrays["black_patch"] = black
-  analysis = {}
-  if cfg.reinforce.enabled or cfg.vppo.enabled:
-    analysis = jax.device_get(
-        analyze(state.params, graphdef, put(arrays), k_an, cfg)
-    )
-  stats = rl.finalize(
-      arrays,
-      groups,
-      analysis,
-      num_samples=rc.num_samples,
-      reinforce=cfg.reinforce,
-      vppo=cfg.vppo,
-      std_mode=rc.std_mode,
-      scale=rc.scale_advantages,
-  )
-  if rc.kl_beta > 0:
-    if ref_holder[0] is None:  # frozen at the first RL step
-      ref_holder[0] = jax.tree.map(jnp.copy, state.params)
-    arrays["ref_logp"] = np.asarray(
-        ref_logprobs(ref_holder[0], graphdef, put(arrays), cfg)
-    )
-  timings["time/analysis"] = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  np_rng = np.random.default_rng([config.seed, step])
-  m_all = []
-  train_arrays = {k: v for k, v in arrays.items() if k != "total_rewards"}
-  for epoch in range(rc.ppo_epochs):
-    for mb in rl.minibatches(
-        train_arrays,
-        num_samples=rc.num_samples,
-        num=rc.num_minibatches,
-        rng=np_rng,
-    ):
-      mb["black_patch"] = black
-      state, m = update(state, put(mb), jax.random.fold_in(k_up, epoch))
-      m_all.append(_scalars(jax.device_get(m)))
-  timings["time/update"] = time.perf_counter() - t0
-  m = {k: float(np.mean([x[k] for x in m_all])) for k in m_all[0]}
-  r = groups.rewards
-  m.update(
-      reward=float(np.mean(arrays["total_rewards"])),
-      accuracy=float(groups.stats["sampled_accuracy"]),
-      batch_accuracy=float(r["correct"].mean()),  # kept groups only
-      format=float(r["format"].mean()),
-      overlong=float(r["overlong"].mean()),
-      response_length=float(groups.lengths.mean()),
-      truncated=float(groups.truncated.mean()),
-      **{k: float(v) for k, v in groups.stats.items()},
-      **stats,
-      **timings,
-  )
-  return state, m
 
 
 def _quiet():
