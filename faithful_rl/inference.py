@@ -29,10 +29,9 @@ from faithful_rl import losses
 from faithful_rl import models
 from faithful_rl import rewards as rewards_lib
 from faithful_rl import rollout
+from faithful_rl import steps
 from faithful_rl.data import batching
 from faithful_rl.data import processing
-from faithful_rl.models.qwen2_5_vl import AttentionProbe
-from faithful_rl.models.qwen2_5_vl import visual_token_positions
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -111,14 +110,15 @@ def answer(
       pad_token=processor.ids.pad,
   )
   ro = rollout.sample(model, prompt, jax.random.key(0), sampling)
-  v = a["evidence_mask"].shape[1]
-  kpos, kvalid = visual_token_positions(
-      prompt["prompt_ids"], model.config.image_token_id, v
+  probe, qvalid, kvalid = steps.response_probe(
+      model,
+      {**prompt, "ease_target": a["ease_target"]},
+      ro.mask,
+      jax.random.key(0),
+      1,
+      min(64, max_new_tokens),
+      probe_layers,
   )
-  k = min(64, max_new_tokens)
-  qpos, qvalid = losses.sample_query_rows(jax.random.key(0), ro.mask, k=k)
-  layers = tuple(probe_layers) or (model.config.default_probe_layer,)
-  probe = AttentionProbe(qpos, kpos, kvalid, layers=layers)
   _, _, out = rollout.score(
       model, prompt, ro.tokens, ro.mask, num_samples=1, probe=probe
   )
@@ -127,10 +127,13 @@ def answer(
           attention=out.visual_attention, valid=kvalid, query_mask=qvalid
       )
   )
-  tokens, mask = np.asarray(ro.tokens), np.asarray(ro.mask)
+  n = len(records)
+  texts = processor.decode_responses(
+      np.asarray(ro.tokens)[:n], np.asarray(ro.mask)[:n]
+  )
   results = []
   for i, (rec, ex) in enumerate(zip(records, examples)):
-    text = processor.decode(tokens[i][mask[i]], skip_special_tokens=True)
+    text = texts[i]
     t, h, w = ex.grids[0]
     m = processor.merge_size
     gh, gw = h // m, w // m

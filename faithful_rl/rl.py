@@ -66,13 +66,6 @@ class Groups:
   stats: dict[str, float]
 
 
-def _decode(processor, tokens, mask) -> list[str]:
-  return [
-      processor.decode(tokens[i][mask[i]], skip_special_tokens=True)
-      for i in range(tokens.shape[0])
-  ]
-
-
 def collect(
     model,
     engine: rollout.Engine,
@@ -130,7 +123,7 @@ def collect(
     t0 = time.perf_counter()
     n = len(examples)
     tokens, mask = np.asarray(ro.tokens)[: n * g], np.asarray(ro.mask)[: n * g]
-    texts = _decode(processor, tokens, mask)
+    texts = processor.decode_responses(tokens, mask)
     rep = lambda xs: [x for x in xs for _ in range(g)]
     rw = rewards_lib.batch_rewards(
         texts,
@@ -141,7 +134,9 @@ def collect(
     )
     if cf_rollout:
       cf_mask = np.asarray(ro_cf.mask)[: n * g]
-      cf_texts = _decode(processor, np.asarray(ro_cf.tokens)[: n * g], cf_mask)
+      cf_texts = processor.decode_responses(
+          np.asarray(ro_cf.tokens)[: n * g], cf_mask
+      )
       correct_cf = rewards_lib.batch_rewards(
           cf_texts,
           rep(batch.meta["answers"]),

@@ -234,31 +234,36 @@ def _head_logits(model, hidden: jax.Array) -> jax.Array:
   )
 
 
-def _sample_program(model, batch: dict, rng: jax.Array, config: SamplingConfig):
-  """The whole rollout for one batch (traced once per bucket)."""
-  ids = batch["prompt_ids"]
-  prompt_mask = batch["prompt_mask"].astype(jnp.bool_)
-  pos = batch["position_ids"]
+def _prefill(model, batch: dict, vision, r: int):
+  """The prompts into a fresh cache with `r` free slots after them.
+
+  Returns the prompt forward's output (its cache holds the prompt), the
+  key mask bool[B, Tp + r] (the free slots off) and the M-RoPE position of
+  each row's first response token int[B].
+  """
+  ids, pos = batch["prompt_ids"], batch["position_ids"]
   b, tp = ids.shape
-  g, r = config.num_samples, config.max_new_tokens
-  s = tp + r
-  dtype = model.dtype
-  image_embeds = None
-  if batch.get("vision") is not None:
-    image_embeds = model.encode_images(batch["vision"])
-  cache = KVCache.zeros(model.config.text, b, s, dtype)
-  kv_mask = jnp.concatenate([prompt_mask, jnp.zeros((b, r), jnp.bool_)], 1)
+  kv_mask = jnp.concatenate(
+      [batch["prompt_mask"].astype(jnp.bool_), jnp.zeros((b, r), jnp.bool_)], 1
+  )
   out = model(
       ids,
       attention_mask=kv_mask,
       position_ids=pos,
-      image_embeds=image_embeds,
-      cache=cache,
+      vision=vision,
+      cache=KVCache.zeros(model.config.text, b, tp + r, model.dtype),
       cache_index=0,
       return_logits=False,
   )
+  return out, kv_mask, pos.max(axis=(0, 2)) + 1
+
+
+def _sample_program(model, batch: dict, rng: jax.Array, config: SamplingConfig):
+  """The whole rollout for one batch (traced once per bucket)."""
+  b, tp = batch["prompt_ids"].shape
+  g, r = config.num_samples, config.max_new_tokens
+  out, kv_mask, next_pos = _prefill(model, batch, batch.get("vision"), r)
   last = _head_logits(model, out.hidden[:, -1])  # left-padded: last is real
-  next_pos = pos.max(axis=(0, 2)) + 1  # [B]
   cache, kv_mask, last, next_pos = _repeat(
       (out.cache, kv_mask, last, next_pos), g
   )
@@ -435,25 +440,12 @@ def _shared_prefix_forward(model, batch, vision, tokens, mask, g, probe):
   Returns hidden states [N, R, D] predicting `tokens` and the responses'
   model output.
   """
-  ids = batch["prompt_ids"]
-  pmask = batch["prompt_mask"].astype(jnp.bool_)
-  pos = batch["position_ids"]
-  b, tp = ids.shape
+  b, tp = batch["prompt_ids"].shape
   r = tokens.shape[1]
-  cache = KVCache.zeros(model.config.text, b, tp + r, model.dtype)
-  prompt_kv_mask = jnp.concatenate([pmask, jnp.zeros((b, r), jnp.bool_)], 1)
-  prompt = model(
-      ids,
-      attention_mask=prompt_kv_mask,
-      position_ids=pos,
-      vision=vision,
-      cache=cache,
-      cache_index=0,
-      return_logits=False,
-  )
-  next_pos = pos.max(axis=(0, 2)) + 1
-  rpos = next_pos[:, None] + jnp.arange(r, dtype=pos.dtype)[None]  # [B, R]
-  rpos = jnp.broadcast_to(_repeat(rpos, g)[None], (3, b * g, r))
+  prompt, _, next_pos = _prefill(model, batch, vision, r)
+  rpos = next_pos[:, None] + jnp.arange(r, dtype=next_pos.dtype)[None]
+  rpos = jnp.broadcast_to(_repeat(rpos, g)[None], (3, b * g, r))  # [3, N, R]
+  pmask = batch["prompt_mask"].astype(jnp.bool_)
   kv_mask = jnp.concatenate(
       [jnp.repeat(pmask, g, axis=0), mask.astype(jnp.bool_)], 1
   )

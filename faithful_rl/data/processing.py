@@ -359,6 +359,14 @@ class Processor:
         [int(i) for i in ids], skip_special_tokens=skip_special_tokens
     )
 
+  def decode_responses(self, tokens, mask) -> list[str]:
+    """Texts of sampled responses: int[N, R] tokens where bool[N, R] mask."""
+    tokens, mask = np.asarray(tokens), np.asarray(mask)
+    return [
+        self.decode(tokens[i][mask[i]], skip_special_tokens=True)
+        for i in range(tokens.shape[0])
+    ]
+
   # -- records --------------------------------------------------------------
 
   def process(self, record: Mapping[str, Any]) -> Example:

@@ -26,9 +26,8 @@ from faithful_rl import losses
 from faithful_rl import rewards as rewards_lib
 from faithful_rl import rollout
 from faithful_rl import sharding
+from faithful_rl import steps
 from faithful_rl.data import batching
-from faithful_rl.models.qwen2_5_vl import AttentionProbe
-from faithful_rl.models.qwen2_5_vl import visual_token_positions
 
 
 class Head:
@@ -54,17 +53,9 @@ class ProbeSpec:
 
 def _attention_stats(params, graphdef, batch, tokens, mask, spec: ProbeSpec):
   model = nnx.merge(graphdef, params)
-  v = batch["evidence_mask"].shape[1]
-  kpos, kvalid = visual_token_positions(
-      batch["prompt_ids"], model.config.image_token_id, v
-  )
   k = min(spec.num_queries, tokens.shape[1])
-  qpos, qvalid = losses.sample_query_rows(jax.random.key(0), mask, k=k)
-  probe = AttentionProbe(
-      query_positions=qpos,
-      key_positions=kpos,
-      key_valid=kvalid,
-      layers=spec.layers,
+  probe, qvalid, kvalid = steps.response_probe(
+      model, batch, mask, jax.random.key(0), 1, k, spec.layers
   )
   prompt = {
       key: batch[key]
@@ -128,7 +119,6 @@ def evaluate(
       drop_remainder=False,
       on_overflow="skip",
   )
-  layers = tuple(probe_layers) or (cfg.default_probe_layer,)
   sampling = rollout.SamplingConfig(
       num_samples=1,
       max_new_tokens=max_new_tokens,
@@ -153,21 +143,17 @@ def evaluate(
     ro = engine.sample(model, prompt, jax.random.key(0), sampling)
     tokens = np.asarray(ro.tokens)
     mask = np.asarray(ro.mask)
-    texts = [
-        processor.decode(tokens[i][mask[i]], skip_special_tokens=True)
-        for i in range(n)
-    ]
+    texts = processor.decode_responses(tokens[:n], mask[:n])
     rw = rewards_lib.batch_rewards(texts, meta["answers"], meta["answer_types"])
     if sampled:
       sc = dataclasses.replace(
           sampling, greedy=False, num_samples=sampled, temperature=temperature
       )
       ro_s = engine.sample(model, prompt, jax.random.key(1), sc)
-      t_s, m_s = np.asarray(ro_s.tokens), np.asarray(ro_s.mask)
-      texts_s = [
-          processor.decode(t_s[i][m_s[i]], skip_special_tokens=True)
-          for i in range(n * sampled)
-      ]
+      texts_s = processor.decode_responses(
+          np.asarray(ro_s.tokens)[: n * sampled],
+          np.asarray(ro_s.mask)[: n * sampled],
+      )
       rep = lambda xs: [x for x in xs[:n] for _ in range(sampled)]
       rw_s = rewards_lib.batch_rewards(
           texts_s,
@@ -187,7 +173,7 @@ def evaluate(
         },
         jnp.asarray(tokens),
         jnp.asarray(mask),
-        ProbeSpec(layers=layers),
+        ProbeSpec(layers=tuple(probe_layers)),
     )
     mass, hit, kl = np.asarray(mass), np.asarray(hit), np.asarray(kl)
     for i in range(n):
