@@ -36,7 +36,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.init = "hf"  # 'hf' (from_pretrained) | 'scratch'
   c.model.hf_dir = ""
   c.model.arch = ""  # a name in faithful_rl.models.archs (shapes only)
-  c.model.dtype = "bfloat16"
+  c.model.dtype = "bfloat16"  # compute dtype (activations, matmuls, cache)
+  c.model.param_dtype = "float32"  # parameters and optimizer state
+  c.model.remat = "none"  # none | full | dots: what a layer keeps for bwd
+  c.model.attention = "auto"  # auto | xla | flash (models.attention)
+  c.model.scan_layers = True  # one scanned layer (False: unrolled loop)
   c.model.scratch = ml_collections.ConfigDict()  # TextConfig/VisionConfig
   c.model.init_from = ""  # a workdir: start from its parameters
   c.model.init_step = -1  # ... of this step (-1: its latest checkpoint)

@@ -1,6 +1,6 @@
 """One device mesh (data, fsdp, tensor) and partition rules.
 
-Parameters are sharded by regex rules over their path (`a/b/0/kernel`), in
+Parameters are sharded by regex rules over their path (`a/b/kernel`), in
 the style of big_vision: the first rule that matches gives a
 PartitionSpec; a mesh axis whose size does not divide the dimension is
 dropped for that parameter (it stays replicated along it), so the same
@@ -90,6 +90,10 @@ def spec_for(
     return P()
   if len(spec) > len(shape):
     spec = P(*spec[-len(shape) :]) if shape else P()
+  elif len(spec) < len(shape):
+    # Stacked layers ([L, ...]): the rule names the trailing axes; the
+    # layer axis stays whole, so each scan step finds its layer locally.
+    spec = P(*((None,) * (len(shape) - len(spec)) + tuple(spec)))
   out = []
   for dim, axis in zip(shape, tuple(spec) + (None,) * len(shape)):
     names = (axis,) if isinstance(axis, str) else tuple(axis or ())

@@ -194,19 +194,32 @@ def black_patch(processor) -> np.ndarray:
   return np.repeat(per_channel, processor.patch_dim // 3).astype(np.float32)
 
 
+def model_options(config) -> dict[str, Any]:
+  """The model's construction options from `config.model`."""
+  m = config.model
+  return dict(
+      param_dtype=jnp.dtype(m.get("param_dtype", m.dtype)),
+      remat=m.get("remat", "none"),
+      attention=m.get("attention", "auto"),
+      scan_layers=m.get("scan_layers", True),
+  )
+
+
 def init_params(config, model_config, mesh):
   """(graphdef, params pure dict) placed on the mesh; shapes first."""
   dtype = jnp.dtype(config.model.dtype)
+  options = model_options(config)
   if config.model.init == "hf":
     model = models.from_pretrained(
         config.model.hf_dir,
         dtype=dtype,
         sharding=sharding.param_sharding_fn(mesh),
+        **options,
     )
     graphdef, state = nnx.split(model)
     return graphdef, nnx.to_pure_dict(state)
   create = lambda: nnx.split(
-      models.create(model_config, dtype=dtype, seed=config.seed)
+      models.create(model_config, dtype=dtype, seed=config.seed, **options)
   )
   graphdef, abstract = nnx.eval_shape(create)
   abstract = nnx.to_pure_dict(abstract)

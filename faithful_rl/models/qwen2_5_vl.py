@@ -8,14 +8,23 @@ One forward serves training, rollout and evaluation:
   slots `cache_index .. cache_index + T - 1` and attend to every valid slot
   up to their own (prefill is T = prompt length, decoding T = 1).
 
+At scale: the decoder layers are ONE layer module whose parameters carry a
+leading [L] axis, run as a `lax.scan` (`scan_layers`, the default) so the
+program and its compile time do not grow with depth, each layer
+rematerialised by the `remat` policy in the backward pass. Parameters are
+stored in `param_dtype` (float32 masters for training) and computed in
+`dtype` (bf16 on accelerators). The main attention never forms a
+[B, T, S] mask or score tensor outside the `xla` implementation: masks are
+segment ids and positions (`attention.attend`).
+
 The attention probe (`AttentionProbe`) returns, for chosen decoder layers,
 the attention of chosen query rows over chosen key columns (the visual
 tokens), computed from that layer's own q and k after RoPE with the same
-mask, as a thin [B, H, Q, S] product. The layer's output still uses the
-regular attention path; no [B, H, T, T] tensor is ever returned.
+mask, as a thin [B, H, Q, S] product. Probed layers run outside the scan,
+so only they pay for it; no [B, H, T, T] tensor is ever returned.
 
 Axis alphabet: B batch, T query positions, S key positions (= T without a
-cache, = cache length with one), H heads, K kv heads, d head dim,
+cache, = cache length with one), L layers, H heads, K kv heads, d head dim,
 D width, V vocab or visual tokens (named where used), Q probed rows.
 """
 
@@ -29,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from faithful_rl.models import attention as attention_lib
 from faithful_rl.models import inputs as inputs_lib
 from faithful_rl.models import layers
 from faithful_rl.models.config import ModelConfig
@@ -63,28 +73,30 @@ class AttentionProbe:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  """Per-layer keys and values, dtype[B, K, S, d] each.
+  """Keys and values of every layer, dtype[L, B, K, S, d] each.
 
-  Heads before slots, so that a decoding step's two attention products read
-  the cache as it lies (a [B, S, K, d] cache is transposed, i.e. copied
-  whole, per layer and step).
+  One stacked array per tensor, the layout the scanned decoder carries;
+  heads before slots, so that a decoding step's two attention products read
+  a layer's cache as it lies.
   """
 
-  k: tuple[jax.Array, ...]
-  v: tuple[jax.Array, ...]
+  k: jax.Array
+  v: jax.Array
 
   @classmethod
   def zeros(cls, cfg: TextConfig, batch: int, length: int, dtype):
-    shape = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
-    n = cfg.num_hidden_layers
-    return cls(
-        k=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
-        v=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
+    shape = (
+        cfg.num_hidden_layers,
+        batch,
+        cfg.num_key_value_heads,
+        length,
+        cfg.head_dim,
     )
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
   @property
   def length(self) -> int:
-    return self.k[0].shape[2]
+    return self.k.shape[3]
 
 
 @jax.tree_util.register_dataclass
@@ -165,28 +177,42 @@ def probe_attention(
   return cols * probe.key_valid[:, None, None, :]
 
 
+@dataclasses.dataclass
+class _Context:
+  """Per-forward values every decoder layer reads.
+
+  The attention mask is `attention.attend`'s: key j is visible to query i
+  iff both are real tokens (segment 1; padding is segment 0, and padding
+  queries see only padding) and slot j <= slot i.
+  """
+
+  key_mask: jax.Array  # bool[B, S]
+  query_slots: jax.Array  # int32[B, T]
+  cache_index: Any  # int (static) or a traced scalar
+  probe: AttentionProbe | None
+  impl: str = "auto"
+
+  @property
+  def static_index(self) -> bool:
+    return isinstance(self.cache_index, (int, np.integer))
+
+
 class Attention(nnx.Module):
   """Grouped-query self-attention with biased q/k/v and M-RoPE."""
 
-  def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     d, hd = cfg.hidden_size, cfg.head_dim
     self.num_heads = cfg.num_attention_heads
     self.num_kv_heads = cfg.num_key_value_heads
     self.head_dim = hd
-    self.q_proj = layers.linear(
-        d, self.num_heads * hd, bias=True, dtype=dtype, rngs=rngs
-    )
-    self.k_proj = layers.linear(
-        d, self.num_kv_heads * hd, bias=True, dtype=dtype, rngs=rngs
-    )
-    self.v_proj = layers.linear(
-        d, self.num_kv_heads * hd, bias=True, dtype=dtype, rngs=rngs
-    )
-    self.o_proj = layers.linear(
-        self.num_heads * hd, d, bias=False, dtype=dtype, rngs=rngs
-    )
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = layers.linear(d, self.num_heads * hd, bias=True, **kw)
+    self.k_proj = layers.linear(d, self.num_kv_heads * hd, bias=True, **kw)
+    self.v_proj = layers.linear(d, self.num_kv_heads * hd, bias=True, **kw)
+    self.o_proj = layers.linear(self.num_heads * hd, d, bias=False, **kw)
 
-  def __call__(self, x, cos, sin, ctx: "_Context", layer_cache):
+  def __call__(self, x, cos, sin, ctx: _Context, layer_cache):
+    """Returns (output [B, T, D], keys/values [B, K, S or T, d], probe)."""
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -198,45 +224,59 @@ class Attention(nnx.Module):
       start = (0, 0, ctx.cache_index, 0)
       k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
       v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
-    scale = self.head_dim**-0.5
-    out = layers.masked_softmax_attention(
-        q, k, v, ctx.mask, scale, heads_first=True
-    )
+    out = self._attend(q, k, v, ctx)
     probe = None
     if ctx.probe is not None:
       probe = probe_attention(
-          q, k, ctx.key_mask, ctx.query_slots, ctx.probe, scale
+          q, k, ctx.key_mask, ctx.query_slots, ctx.probe, self.head_dim**-0.5
       )
     return self.o_proj(out.reshape(b, t, -1)), (k, v), probe
 
-
-@dataclasses.dataclass
-class _Context:
-  """Per-forward values every decoder layer reads."""
-
-  mask: jax.Array  # bool[B, T, S]
-  key_mask: jax.Array  # bool[B, S]
-  query_slots: jax.Array  # int32[B, T]
-  cache_index: Any
-  probe: AttentionProbe | None
+  def _attend(self, q, k, v, ctx: _Context):
+    t, s = q.shape[1], k.shape[2]
+    key_mask = ctx.key_mask
+    impl = ctx.impl
+    if ctx.static_index:
+      # Slots past the last query are causally invisible: leave them out
+      # (a prefill then attends over the prompt, not the whole cache).
+      s = min(s, int(ctx.cache_index) + t)
+      k, v, key_mask = k[:, :, :s], v[:, :, :s], key_mask[:, :s]
+    else:
+      impl = "xla"  # decoding: one query row per sequence, nothing to fuse
+    kv_seg = key_mask.astype(jnp.int32)
+    b = q.shape[0]
+    return attention_lib.attend(
+        q,
+        k,
+        v,
+        q_seg=jnp.take_along_axis(
+            kv_seg, jnp.minimum(ctx.query_slots, s - 1), axis=1
+        ),
+        kv_seg=kv_seg,
+        q_pos=ctx.query_slots,
+        kv_pos=jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s)),
+        scale=self.head_dim**-0.5,
+        impl=impl,
+    )
 
 
 class DecoderLayer(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
-    self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.self_attn = Attention(cfg, rngs=rngs, **kw)
     self.mlp = layers.GatedMLP(
         cfg.hidden_size,
         cfg.intermediate_size,
         act=cfg.hidden_act,
         bias=False,
-        dtype=dtype,
         rngs=rngs,
+        **kw,
     )
     eps = cfg.rms_norm_eps
-    self.input_layernorm = layers.RMSNorm(cfg.hidden_size, eps=eps, dtype=dtype)
+    self.input_layernorm = layers.RMSNorm(cfg.hidden_size, eps=eps, **kw)
     self.post_attention_layernorm = layers.RMSNorm(
-        cfg.hidden_size, eps=eps, dtype=dtype
+        cfg.hidden_size, eps=eps, **kw
     )
 
   def __call__(self, x, cos, sin, ctx, layer_cache):
@@ -249,42 +289,82 @@ class DecoderLayer(nnx.Module):
 
 
 class TextModel(nnx.Module):
-  """Token embedding, decoder layers and final norm."""
+  """Token embedding, the stacked decoder layers and the final norm."""
 
-  def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed_tokens = nnx.Embed(
         cfg.vocab_size,
         cfg.hidden_size,
         dtype=dtype,
-        param_dtype=dtype,
+        param_dtype=param_dtype,
         embedding_init=nnx.initializers.normal(0.02),
         rngs=rngs,
     )
-    self.layers = nnx.List([
-        DecoderLayer(cfg, dtype=dtype, rngs=rngs)
-        for _ in range(cfg.num_hidden_layers)
-    ])
-    self.norm = layers.RMSNorm(
-        cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype
+    self.layers = layers.stacked(
+        cfg.num_hidden_layers,
+        lambda r: DecoderLayer(
+            cfg, dtype=dtype, param_dtype=param_dtype, rngs=r
+        ),
+        rngs,
     )
+    self.norm = layers.RMSNorm(
+        cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype,
+        param_dtype=param_dtype,
+    )  # fmt: skip
+
+  def layer(self, i: int) -> DecoderLayer:
+    """Decoder layer i as its own module (a view of the stacked weights)."""
+    return layers.layer_slice(self.layers, i)
 
 
 class Qwen2_5_VL(nnx.Module):  # pylint: disable=invalid-name
-  """Qwen2.5-VL for conditional generation."""
+  """Qwen2.5-VL for conditional generation.
 
-  def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+  Args:
+    config: the architecture.
+    dtype: compute dtype (activations, matmul inputs, the KV cache).
+    param_dtype: storage dtype of the parameters (default `dtype`); train
+      with float32 here and bf16 compute.
+    remat: what each layer keeps for the backward pass: 'none', 'full'
+      (only its input) or 'dots' (its matmul outputs); see
+      `layers.REMAT_POLICIES`.
+    attention: the main attention's implementation, 'auto' (XLA on CPU,
+      the blocked 'flash' kernel elsewhere), 'xla' or 'flash'.
+    scan_layers: run the layers as one `lax.scan` (False: a Python loop over
+      the same stacked parameters, the unrolled reference).
+    rngs: initialisation randomness.
+  """
+
+  def __init__(
+      self,
+      config: ModelConfig,
+      *,
+      dtype=jnp.float32,
+      param_dtype=None,
+      remat: str = "none",
+      attention: str = "auto",
+      scan_layers: bool = True,
+      rngs: nnx.Rngs,
+  ):
+    layers.remat_policy(remat)
+    attention_lib.resolve(attention)
+    param_dtype = param_dtype or dtype
     self.config = config
     self.dtype = dtype
-    self.visual = VisionTower(config.vision, dtype=dtype, rngs=rngs)
-    self.language_model = TextModel(config.text, dtype=dtype, rngs=rngs)
+    self.param_dtype = param_dtype
+    self.remat = remat
+    self.attention = attention
+    self.scan_layers = scan_layers
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.visual = VisionTower(
+        config.vision, remat=remat, attention=attention,
+        scan_layers=scan_layers, **kw,
+    )  # fmt: skip
+    self.language_model = TextModel(config.text, **kw)
     if not config.text.tie_word_embeddings:
       self.lm_head = layers.linear(
-          config.text.hidden_size,
-          config.text.vocab_size,
-          bias=False,
-          dtype=dtype,
-          rngs=rngs,
+          config.text.hidden_size, config.text.vocab_size, bias=False, **kw
       )
 
   # -------------------------------------------------------------------
@@ -318,20 +398,18 @@ class Qwen2_5_VL(nnx.Module):  # pylint: disable=invalid-name
     gathered = jnp.take_along_axis(image_embeds, idx[..., None], axis=1)
     return jnp.where(is_img[..., None], gathered.astype(embeds.dtype), embeds)
 
+  def head_weight(self) -> jax.Array:
+    """The output projection as [D, vocab], in the compute dtype."""
+    if self.config.text.tie_word_embeddings:
+      w = self.language_model.embed_tokens.embedding[...].T
+    else:
+      w = self.lm_head.kernel[...]
+    return w.astype(self.dtype)
+
   def logits(self, hidden: jax.Array) -> jax.Array:
     """float32[..., vocab] from final hidden states."""
-    if self.config.text.tie_word_embeddings:
-      w = self.language_model.embed_tokens.embedding[...]
-      out = jnp.einsum("...d,vd->...v", hidden, w.astype(hidden.dtype))
-    else:
-      out = self.lm_head(hidden)
-    return out.astype(jnp.float32)
-
-  def head_weight(self) -> jax.Array:
-    """The output projection as [D, vocab] (for chunked log-probs)."""
-    if self.config.text.tie_word_embeddings:
-      return self.language_model.embed_tokens.embedding[...].T
-    return self.lm_head.kernel[...]
+    w = self.head_weight().astype(hidden.dtype)
+    return jnp.einsum("...d,dv->...v", hidden, w).astype(jnp.float32)
 
   # -------------------------------------------------------------------
   # Forward.
@@ -374,7 +452,8 @@ class Qwen2_5_VL(nnx.Module):  # pylint: disable=invalid-name
         (default: the `<|image_pad|>` tokens).
       attention_probe: rows/columns of attention to return.
       cache: a KVCache to write into and attend over.
-      cache_index: first cache slot of the T new tokens (int or scalar).
+      cache_index: first cache slot of the T new tokens (a Python int, or a
+        traced scalar when decoding).
       return_logits: compute the float32 logits (else only hidden states).
     """
     cfg = self.config
@@ -423,49 +502,76 @@ class Qwen2_5_VL(nnx.Module):  # pylint: disable=invalid-name
       inputs_embeds = self.scatter_images(
           inputs_embeds, input_ids, image_embeds, image_mask
       )
-
     query_slots = cache_index + jnp.arange(t, dtype=jnp.int32)
-    query_slots = jnp.broadcast_to(query_slots[None], (b, t))
-    causal = jnp.arange(s)[None, None, :] <= query_slots[:, :, None]
     ctx = _Context(
-        mask=causal & key_mask[:, None, :],
         key_mask=key_mask,
-        query_slots=query_slots,
+        query_slots=jnp.broadcast_to(query_slots[None], (b, t)),
         cache_index=cache_index,
         probe=attention_probe,
+        impl=self.attention,
     )
-    tcfg = cfg.text
+    x, new_cache, visual_attention = self.decode(
+        inputs_embeds, position_ids, ctx, cache
+    )
+    hidden = self.language_model.norm(x)
+    return ModelOutput(
+        logits=self.logits(hidden) if return_logits else None,
+        hidden=hidden,
+        visual_attention=visual_attention,
+        cache=new_cache,
+    )
+
+  def decode(self, x, position_ids, ctx: _Context, cache: KVCache | None):
+    """The decoder layers: scanned runs between the probed layers.
+
+    Returns (hidden [B, T, D] before the final norm, the updated cache or
+    None, {probed layer: attention}).
+    """
+    tcfg = self.config.text
     cos, sin = layers.mrope_cos_sin(
         position_ids,
         head_dim=tcfg.head_dim,
         theta=tcfg.rope_theta,
         section=tcfg.mrope_section,
-        dtype=inputs_embeds.dtype,
+        dtype=x.dtype,
     )
-    probed = set(attention_probe.layers) if attention_probe else set()
+    probe = ctx.probe
+    probed = sorted(set(probe.layers)) if probe is not None else []
     for layer_idx in probed:
       if not 0 <= layer_idx < tcfg.num_hidden_layers:
         raise ValueError(
             f"probe layer {layer_idx} out of range [0,"
             f" {tcfg.num_hidden_layers})"
         )
-    x = inputs_embeds
-    new_k, new_v, visual_attention = [], [], {}
-    for i, layer in enumerate(self.language_model.layers):
-      layer_ctx = ctx if i in probed else dataclasses.replace(ctx, probe=None)
-      layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-      x, (k, v), probe_out = layer(x, cos, sin, layer_ctx, layer_cache)
-      if cache is not None:
-        new_k.append(k)
-        new_v.append(v)
-      if probe_out is not None:
-        visual_attention[i] = (
-            probe_out if attention_probe.per_head else probe_out.mean(axis=1)
-        )
-    hidden = self.language_model.norm(x)
-    return ModelOutput(
-        logits=self.logits(hidden) if return_logits else None,
-        hidden=hidden,
-        visual_attention=visual_attention,
-        cache=None if cache is None else KVCache(tuple(new_k), tuple(new_v)),
-    )
+    plain = dataclasses.replace(ctx, probe=None)
+
+    def run(layer, carry, i, layer_ctx):
+      x, ck, cv = carry
+      layer_cache = None if ck is None else (ck[i], cv[i])
+      x, (k, v), out = layer(x, cos, sin, layer_ctx, layer_cache)
+      if ck is not None:
+        ck = jax.lax.dynamic_update_index_in_dim(ck, k, i, 0)
+        cv = jax.lax.dynamic_update_index_in_dim(cv, v, i, 0)
+      return (x, ck, cv), out
+
+    carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
+    stack = self.language_model.layers
+    visual_attention, start = {}, 0
+    for stop in probed + [tcfg.num_hidden_layers]:
+      carry = layers.run_stack(
+          stack,
+          lambda layer, c, i: run(layer, c, i, plain)[0],
+          carry,
+          start=start,
+          stop=stop,
+          remat=self.remat,
+          scan=self.scan_layers,
+      )
+      if stop == tcfg.num_hidden_layers:
+        break
+      carry, out = run(self.language_model.layer(stop), carry, stop, ctx)
+      visual_attention[stop] = out if probe.per_head else out.mean(axis=1)
+      start = stop + 1
+    x, ck, cv = carry
+    new_cache = None if cache is None else KVCache(ck, cv)
+    return x, new_cache, visual_attention

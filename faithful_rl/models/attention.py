@@ -1,0 +1,276 @@
+"""Attention kernels: one masking convention, several implementations.
+
+The mask of every attention in the models is given by vectors, never by a
+[B, T, S] tensor: query i may attend key j iff
+
+    q_seg[b, i] == kv_seg[b, j]   and   (not causal or kv_pos[b, j] <= q_pos[b, i])
+
+Segment ids express padding (decoder: 1 real, 0 padding) and images
+(vision: image id per patch, -1 padding); positions express causality with
+any offset (a KV cache, a shared prompt prefix).
+
+Implementations:
+  xla    masked softmax over the whole [B, H, T, S] score tensor. The
+         fastest on CPU at the sizes tests and the demo use.
+  flash  blocked online softmax in plain JAX with a recomputing backward
+         (FlashAttention-2's algorithm): memory O(T * block) instead of
+         O(T * S), on any backend. `benchmarks/memory.py` compiles it to
+         account for the fused kernels' memory on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+NEG = -1e30  # a masked logit: exp(NEG - m) == 0 for any real row maximum m
+
+
+def _group(q, kh):
+  """[B, T, H, d] -> [B, K, G, T, d]."""
+  b, t, h, d = q.shape
+  return q.reshape(b, t, kh, h // kh, d).transpose(0, 2, 3, 1, 4)
+
+
+def _ungroup(x):
+  """[B, K, G, T, d] -> [B, T, H, d]."""
+  b, kh, g, t, d = x.shape
+  return x.transpose(0, 3, 1, 2, 4).reshape(b, t, kh * g, d)
+
+
+def _mask(q_seg, kv_seg, q_pos, kv_pos):
+  """bool[B, T, S] (only ever formed blockwise or fused into a select)."""
+  m = q_seg[:, :, None] == kv_seg[:, None, :]
+  if q_pos is not None:
+    m &= kv_pos[:, None, :] <= q_pos[:, :, None]
+  return m
+
+
+def xla_attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, scale):
+  """Reference masked softmax; k, v: [B, K, S, d] (heads first)."""
+  b, t, h, d = q.shape
+  kh, s = k.shape[1], k.shape[2]
+  g = h // kh
+  qg = _group(q, kh).reshape(b, kh, g * t, d)
+  logits = jnp.einsum(
+      "bkqd,bksd->bkqs", qg, k, preferred_element_type=jnp.float32
+  ).reshape(b, kh, g, t, s)
+  mask = _mask(q_seg, kv_seg, q_pos, kv_pos)
+  logits = jnp.where(mask[:, None, None], logits * scale, NEG)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(b, kh, g * t, s), v)
+  return _ungroup(out.reshape(b, kh, g, t, d))
+
+
+# ---------------------------------------------------------------------------
+# flash: blocked, with a recomputing backward.
+# ---------------------------------------------------------------------------
+
+
+def _pad_to(x, axis, n, value):
+  extra = n - x.shape[axis]
+  if not extra:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def flash_attention(
+    q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, scale, block_q=512,
+    block_k=512,
+):
+  """Blocked attention; same contract as `xla_attention`."""
+  b, t, h, d = q.shape
+  kh, s = k.shape[1], k.shape[2]
+  bq, bk = min(block_q, t), min(block_k, s)
+  tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
+  causal = q_pos is not None
+  if not causal:
+    q_pos = jnp.zeros(q_seg.shape, jnp.int32)
+    kv_pos = jnp.zeros(kv_seg.shape, jnp.int32)
+  # Padded queries and keys never match a real segment (and not each other).
+  qg = _pad_to(_group(q, kh), 3, tp, 0)
+  k, v = _pad_to(k, 2, sp, 0), _pad_to(v, 2, sp, 0)
+  q_seg = _pad_to(q_seg.astype(jnp.int32), 1, tp, -(2**30))
+  kv_seg = _pad_to(kv_seg.astype(jnp.int32), 1, sp, -(2**30) + 1)
+  q_pos = _pad_to(q_pos.astype(jnp.int32), 1, tp, 0)
+  kv_pos = _pad_to(kv_pos.astype(jnp.int32), 1, sp, 0)
+  out = _flash(qg, k, v, q_seg, kv_seg, q_pos, kv_pos, scale, bq, bk, causal)
+  return _ungroup(out[:, :, :, :t])
+
+
+def _block_logits(qb, kb, qs, ks, qp, kp, scale, causal):
+  """Masked f32 logits of one block: [B, K, G, bq, bk]."""
+  logits = jnp.einsum(
+      "bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32
+  )
+  m = qs[:, :, None] == ks[:, None, :]
+  if causal:
+    m &= kp[:, None, :] <= qp[:, :, None]
+  return jnp.where(m[:, None, None], logits * scale, NEG)
+
+
+def _slice(x, axis, i, n):
+  return jax.lax.dynamic_slice_in_dim(x, i * n, n, axis)
+
+
+def _forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, scale, bq, bk, causal):
+  """Returns out [B, K, G, T, d] (v's dtype) and lse f32[B, K, G, T]."""
+  b, kh, g, t, d = q.shape
+  nq, nk = t // bq, k.shape[2] // bk
+
+  def q_block(i):
+    qb = _slice(q, 3, i, bq)
+    qs, qp = _slice(q_seg, 1, i, bq), _slice(q_pos, 1, i, bq)
+
+    def k_step(carry, j):
+      m, l, acc = carry
+      kb, vb = _slice(k, 2, j, bk), _slice(v, 2, j, bk)
+      ks, kp = _slice(kv_seg, 1, j, bk), _slice(kv_pos, 1, j, bk)
+      s = _block_logits(qb, kb, qs, ks, qp, kp, scale, causal)
+      m_new = jnp.maximum(m, s.max(-1))
+      p = jnp.exp(s - m_new[..., None])
+      corr = jnp.exp(m - m_new)
+      l = l * corr + p.sum(-1)
+      pv = jnp.einsum(
+          "bkgqs,bksd->bkgqd",
+          p.astype(v.dtype),
+          vb,
+          preferred_element_type=jnp.float32,
+      )
+      return (m_new, l, acc * corr[..., None] + pv), None
+
+    init = (
+        jnp.full((b, kh, g, bq), NEG, jnp.float32),
+        jnp.zeros((b, kh, g, bq), jnp.float32),
+        jnp.zeros((b, kh, g, bq, d), jnp.float32),
+    )
+    (m, l, acc), _ = jax.lax.scan(k_step, init, jnp.arange(nk))
+    return (acc / l[..., None]).astype(v.dtype), m + jnp.log(l)
+
+  outs, lses = jax.lax.map(q_block, jnp.arange(nq))  # [nq, B, K, G, bq, ...]
+  out = jnp.moveaxis(outs, 0, 3).reshape(b, kh, g, t, d)
+  lse = jnp.moveaxis(lses, 0, 3).reshape(b, kh, g, t)
+  return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _flash(q, k, v, q_seg, kv_seg, q_pos, kv_pos, scale, bq, bk, causal):
+  return _forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, scale, bq, bk,
+                  causal)[0]  # fmt: skip
+
+
+def _flash_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, scale, bq, bk, causal):
+  out, lse = _forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, scale, bq, bk,
+                      causal)  # fmt: skip
+  return out, (q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse)
+
+
+def _flash_bwd(scale, bq, bk, causal, res, dout):
+  q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse = res
+  b, kh, g, t, d = q.shape
+  nq, nk = t // bq, k.shape[2] // bk
+  delta = jnp.sum(
+      dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1
+  )  # [B, K, G, T]
+
+  def k_block(dq, j):
+    kb, vb = _slice(k, 2, j, bk), _slice(v, 2, j, bk)
+    ks, kp = _slice(kv_seg, 1, j, bk), _slice(kv_pos, 1, j, bk)
+
+    def q_step(carry, i):
+      dq, dk, dv = carry
+      qb = _slice(q, 3, i, bq)
+      qs, qp = _slice(q_seg, 1, i, bq), _slice(q_pos, 1, i, bq)
+      dob = _slice(dout, 3, i, bq)
+      s = _block_logits(qb, kb, qs, ks, qp, kp, scale, causal)
+      p = jnp.exp(s - _slice(lse, 3, i, bq)[..., None])  # [B,K,G,bq,bk]
+      dv = dv + jnp.einsum(
+          "bkgqs,bkgqd->bksd", p.astype(dob.dtype), dob,
+          preferred_element_type=jnp.float32,
+      )  # fmt: skip
+      dp = jnp.einsum(
+          "bkgqd,bksd->bkgqs", dob, vb, preferred_element_type=jnp.float32
+      )
+      ds = p * (dp - _slice(delta, 3, i, bq)[..., None]) * scale
+      dq_i = jnp.einsum(
+          "bkgqs,bksd->bkgqd", ds.astype(kb.dtype), kb,
+          preferred_element_type=jnp.float32,
+      )  # fmt: skip
+      dq = jax.lax.dynamic_update_slice_in_dim(
+          dq, _slice(dq, 3, i, bq) + dq_i, i * bq, 3
+      )
+      dk = dk + jnp.einsum(
+          "bkgqs,bkgqd->bksd", ds.astype(qb.dtype), qb,
+          preferred_element_type=jnp.float32,
+      )  # fmt: skip
+      return (dq, dk, dv), None
+
+    zeros_kv = jnp.zeros((b, kh, bk, d), jnp.float32)
+    (dq, dk, dv), _ = jax.lax.scan(
+        q_step, (dq, zeros_kv, zeros_kv), jnp.arange(nq)
+    )
+    return dq, (dk, dv)
+
+  dq, (dks, dvs) = jax.lax.scan(
+      k_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(nk)
+  )
+  dk = jnp.moveaxis(dks, 0, 2).reshape(k.shape)
+  dv = jnp.moveaxis(dvs, 0, 2).reshape(v.shape)
+  none = lambda x: None
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+          none(q_seg), none(kv_seg), none(q_pos), none(kv_pos))  # fmt: skip
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ---------------------------------------------------------------------------
+# Dispatch.
+# ---------------------------------------------------------------------------
+
+IMPLEMENTATIONS = ("auto", "xla", "flash")
+
+
+def resolve(impl: str) -> str:
+  """'auto' -> the implementation for the default backend."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"unknown attention implementation {impl!r}; known: {IMPLEMENTATIONS}"
+    )
+  if impl != "auto":
+    return impl
+  return "xla" if jax.default_backend() == "cpu" else "flash"
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_seg: jax.Array,
+    kv_seg: jax.Array,
+    q_pos: jax.Array | None = None,
+    kv_pos: jax.Array | None = None,
+    scale: float,
+    impl: str = "auto",
+) -> jax.Array:
+  """Grouped-query attention under the module's masking convention.
+
+  Args:
+    q: [B, T, H, d].
+    k, v: [B, K, S, d] (heads first, the KV-cache layout), H % K == 0.
+    q_seg, kv_seg: int[B, T], int[B, S] segment ids.
+    q_pos, kv_pos: int[B, T], int[B, S] positions for causality, or None
+      (no causal constraint).
+    scale: logit scale.
+    impl: 'auto', 'xla' or 'flash'.
+
+  Returns:
+    [B, T, H, d] in v's dtype. Logits and softmax statistics are float32.
+  """
+  fn = {"xla": xla_attention, "flash": flash_attention}[resolve(impl)]
+  return fn(q, k, v, q_seg, kv_seg, q_pos, kv_pos, scale=scale)
