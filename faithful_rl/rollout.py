@@ -264,9 +264,8 @@ def _sample_program(model, batch: dict, rng: jax.Array, config: SamplingConfig):
   g, r = config.num_samples, config.max_new_tokens
   out, kv_mask, next_pos = _prefill(model, batch, batch.get("vision"), r)
   last = _head_logits(model, out.hidden[:, -1])  # left-padded: last is real
-  cache, kv_mask, last, next_pos = _repeat(
-      (out.cache, kv_mask, last, next_pos), g
-  )
+  cache = out.cache.repeat(g)
+  kv_mask, last, next_pos = _repeat((kv_mask, last, next_pos), g)
   n = b * g
   stop = jnp.asarray(config.stop_tokens or (-1,), jnp.int32)
 
@@ -453,7 +452,7 @@ def _shared_prefix_forward(model, batch, vision, tokens, mask, g, probe):
       tokens,
       attention_mask=kv_mask,
       position_ids=rpos,
-      cache=_repeat(prompt.cache, g),
+      cache=prompt.cache.repeat(g),
       cache_index=tp,
       attention_probe=probe,
       return_logits=False,

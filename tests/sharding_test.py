@@ -59,9 +59,9 @@ SCRIPT = textwrap.dedent("""
     assert abs(loss1 - loss8) < 1e-5, (loss1, loss8)
     for a, c in zip(jax.tree.leaves(one.params), jax.tree.leaves(many.params)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-6)
-    q = many.params["language_model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
-    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor"), q.sharding
-    assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (32, 32)
+    q = many.params["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor"), q.sharding
+    assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (3, 32, 32)
     print("OK", loss1, loss8)
 """)
 
@@ -85,6 +85,15 @@ def test_spec_drops_axes_that_do_not_divide():
   assert sharding.spec_for(
       "visual/blocks/0/norm1/weight", (32,), FakeMesh()
   ) == P(None)
+  # Stacked layers: the rule names the trailing axes, the layer axis stays.
+  spec = sharding.spec_for(
+      "language_model/layers/self_attn/q_proj/kernel", (3, 64, 64), FakeMesh()
+  )
+  assert spec == P(None, "fsdp", "tensor")
+  spec = sharding.spec_for(
+      "language_model/layers/self_attn/q_proj/bias", (3, 64), FakeMesh()
+  )
+  assert spec == P(None, "tensor")
 
 
 def test_sharded_step_on_8_fake_devices_matches_one_device():

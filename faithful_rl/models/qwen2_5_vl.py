@@ -98,6 +98,12 @@ class KVCache:
   def length(self) -> int:
     return self.k.shape[3]
 
+  def repeat(self, g: int) -> "KVCache":
+    """Each sequence's cache g times in a row (the G samples of a prompt)."""
+    return KVCache(
+        k=jnp.repeat(self.k, g, axis=1), v=jnp.repeat(self.v, g, axis=1)
+    )
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
