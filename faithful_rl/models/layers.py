@@ -101,6 +101,35 @@ class GatedMLP(nnx.Module):
 
 
 # ---------------------------------------------------------------------------
+# Activation sharding.
+# ---------------------------------------------------------------------------
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def shard_batch(x: jax.Array) -> jax.Array:
+  """Constrains x's leading (batch) axis to the mesh's batch axes.
+
+  Under a mesh (`jax.set_mesh`) with FSDP-sharded weights, XLA may
+  otherwise keep activations whole on every device and shard the weights'
+  contraction instead; pinning the residual stream to the batch axes makes
+  it gather each layer's weights (FSDP) and keeps activations per device.
+  A no-op without a mesh or when the batch does not divide.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  n = 1
+  for a in axes:
+    n *= mesh.shape[a]
+  if n <= 1 or x.shape[0] % n:
+    return x
+  spec = jax.sharding.PartitionSpec(axes, *([None] * (x.ndim - 1)))
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+# ---------------------------------------------------------------------------
 # Stacked layers: one scanned layer over parameters with a leading axis.
 # ---------------------------------------------------------------------------
 

@@ -554,7 +554,9 @@ class Qwen2_5_VL(nnx.Module):  # pylint: disable=invalid-name
     def run(layer, carry, i, layer_ctx):
       x, ck, cv = carry
       layer_cache = None if ck is None else (ck[i], cv[i])
-      x, (k, v), out = layer(x, cos, sin, layer_ctx, layer_cache)
+      x, (k, v), out = layer(
+          layers.shard_batch(x), cos, sin, layer_ctx, layer_cache
+      )
       if ck is not None:
         ck = jax.lax.dynamic_update_index_in_dim(ck, k, i, 0)
         cv = jax.lax.dynamic_update_index_in_dim(cv, v, i, 0)

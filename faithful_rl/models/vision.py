@@ -192,6 +192,7 @@ class VisionTower(nnx.Module):
 
       def run(block, x, i, window=window, block_seg=block_seg):
         del i
+        x = layers.shard_batch(x)
         return block(x, cos, sin, block_seg, window, self.attention)
 
       x = layers.run_stack(
