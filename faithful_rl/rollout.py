@@ -234,39 +234,43 @@ def _head_logits(model, hidden: jax.Array) -> jax.Array:
   )
 
 
-def _prefill(model, batch: dict, vision, r: int):
-  """The prompts into a fresh cache with `r` free slots after them.
+def _prefill(model, batch: dict, vision):
+  """The prompts into a cache of exactly their slots (the shared prefix).
 
-  Returns the prompt forward's output (its cache holds the prompt), the
-  key mask bool[B, Tp + r] (the free slots off) and the M-RoPE position of
-  each row's first response token int[B].
+  Returns the prompt forward's output (its cache holds the prompts' keys
+  and values) and the M-RoPE position of each row's first response token
+  int[B].
   """
   ids, pos = batch["prompt_ids"], batch["position_ids"]
   b, tp = ids.shape
-  kv_mask = jnp.concatenate(
-      [batch["prompt_mask"].astype(jnp.bool_), jnp.zeros((b, r), jnp.bool_)], 1
-  )
   out = model(
       ids,
-      attention_mask=kv_mask,
+      attention_mask=batch["prompt_mask"],
       position_ids=pos,
       vision=vision,
-      cache=KVCache.zeros(model.config.text, b, tp + r, model.dtype),
+      cache=KVCache.zeros(model.config.text, b, tp, model.dtype),
       cache_index=0,
       return_logits=False,
   )
-  return out, kv_mask, pos.max(axis=(0, 2)) + 1
+  return out, pos.max(axis=(0, 2)) + 1
 
 
 def _sample_program(model, batch: dict, rng: jax.Array, config: SamplingConfig):
-  """The whole rollout for one batch (traced once per bucket)."""
-  b, tp = batch["prompt_ids"].shape
+  """The whole rollout for one batch (traced once per bucket).
+
+  The prompts' keys and values are the G samples' shared prefix: each
+  decoding step reads a prompt's cache once for its G rows, and each row
+  keeps only its own R response slots.
+  """
+  b, _ = batch["prompt_ids"].shape
   g, r = config.num_samples, config.max_new_tokens
-  out, kv_mask, next_pos = _prefill(model, batch, batch.get("vision"), r)
+  out, next_pos = _prefill(model, batch, batch.get("vision"))
+  prefix, prefix_mask = out.cache, batch["prompt_mask"]
   last = _head_logits(model, out.hidden[:, -1])  # left-padded: last is real
-  cache = out.cache.repeat(g)
-  kv_mask, last, next_pos = _repeat((kv_mask, last, next_pos), g)
+  last, next_pos = _repeat((last, next_pos), g)
   n = b * g
+  cache = KVCache.zeros(model.config.text, n, r, model.dtype)
+  kv_mask = jnp.zeros((n, r), jnp.bool_)
   stop = jnp.asarray(config.stop_tokens or (-1,), jnp.int32)
 
   def cond(state):
@@ -283,14 +287,16 @@ def _sample_program(model, batch: dict, rng: jax.Array, config: SamplingConfig):
     logprobs = logprobs.at[:, step].set(lp)
     mask = mask.at[:, step].set(~done)
     done = done | jnp.isin(tok, stop)
-    kv_mask = kv_mask.at[:, tp + step].set(True)
+    kv_mask = kv_mask.at[:, step].set(True)
     step_pos = jnp.broadcast_to((next_pos + step)[None, :, None], (3, n, 1))
     out = model(
         tok[:, None],
         attention_mask=kv_mask,
         position_ids=step_pos,
         cache=cache,
-        cache_index=tp + step,
+        cache_index=step,
+        prefix_cache=prefix,
+        prefix_mask=prefix_mask,
         return_logits=False,
     )
     logits = _head_logits(model, out.hidden[:, 0])
@@ -434,26 +440,22 @@ def score(
 
 
 def _shared_prefix_forward(model, batch, vision, tokens, mask, g, probe):
-  """Prompt once into a cache, repeated G times; responses over it.
+  """Prompt once into a cache, the shared prefix of its G responses.
 
   Returns hidden states [N, R, D] predicting `tokens` and the responses'
   model output.
   """
-  b, tp = batch["prompt_ids"].shape
+  b, _ = batch["prompt_ids"].shape
   r = tokens.shape[1]
-  prompt, _, next_pos = _prefill(model, batch, vision, r)
+  prompt, next_pos = _prefill(model, batch, vision)
   rpos = next_pos[:, None] + jnp.arange(r, dtype=next_pos.dtype)[None]
   rpos = jnp.broadcast_to(_repeat(rpos, g)[None], (3, b * g, r))  # [3, N, R]
-  pmask = batch["prompt_mask"].astype(jnp.bool_)
-  kv_mask = jnp.concatenate(
-      [jnp.repeat(pmask, g, axis=0), mask.astype(jnp.bool_)], 1
-  )
   out = model(
       tokens,
-      attention_mask=kv_mask,
+      attention_mask=mask.astype(jnp.bool_),
       position_ids=rpos,
-      cache=prompt.cache.repeat(g),
-      cache_index=tp,
+      prefix_cache=prompt.cache,
+      prefix_mask=batch["prompt_mask"],
       attention_probe=probe,
       return_logits=False,
   )

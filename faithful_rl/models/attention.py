@@ -9,6 +9,10 @@ Segment ids express padding (decoder: 1 real, 0 padding) and images
 (vision: image id per patch, -1 padding); positions express causality with
 any offset (a KV cache, a shared prompt prefix).
 
+Attention over two key sets (a prompt shared by G sampled responses, then
+each response's own tokens) runs as two products merged by their
+log-sum-exp (`merge`), so the shared keys are never repeated G times.
+
 Implementations:
   xla    masked softmax over the whole [B, H, T, S] score tensor. The
          fastest on CPU at the sizes tests and the demo use.
@@ -48,8 +52,14 @@ def _mask(q_seg, kv_seg, q_pos, kv_pos):
   return m
 
 
-def xla_attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, scale):
-  """Reference masked softmax; k, v: [B, K, S, d] (heads first)."""
+def xla_attention(
+    q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, scale, return_lse=False
+):
+  """Reference masked softmax; k, v: [B, K, S, d] (heads first).
+
+  With `return_lse` also returns the float32 log-sum-exp of each query's
+  scaled logits, [B, T, H] (differentiable).
+  """
   b, t, h, d = q.shape
   kh, s = k.shape[1], k.shape[2]
   g = h // kh
@@ -61,7 +71,30 @@ def xla_attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, scale):
   logits = jnp.where(mask[:, None, None], logits * scale, NEG)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(b, kh, g * t, s), v)
-  return _ungroup(out.reshape(b, kh, g, t, d))
+  out = _ungroup(out.reshape(b, kh, g, t, d))
+  if not return_lse:
+    return out
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [B, K, G, T]
+  return out, lse.transpose(0, 3, 1, 2).reshape(b, t, h)
+
+
+def merge(parts):
+  """Attention over the union of disjoint key sets from per-set results.
+
+  Args:
+    parts: [(out [B, T, H, d], lse float32[B, T, H])], each the attention of
+      the same queries over one key set.
+
+  Returns:
+    [B, T, H, d]: what one softmax over all the keys would give.
+  """
+  lse = jnp.stack([p[1] for p in parts])  # [n, B, T, H]
+  total = jax.nn.logsumexp(lse, axis=0)
+  out = sum(
+      o.astype(jnp.float32) * jnp.exp(l - total)[..., None]
+      for o, l in parts
+  )
+  return out.astype(parts[0][0].dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -80,7 +113,7 @@ def _pad_to(x, axis, n, value):
 
 def flash_attention(
     q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, scale, block_q=512,
-    block_k=512,
+    block_k=512, return_lse=False,
 ):
   """Blocked attention; same contract as `xla_attention`."""
   b, t, h, d = q.shape
@@ -98,8 +131,12 @@ def flash_attention(
   kv_seg = _pad_to(kv_seg.astype(jnp.int32), 1, sp, -(2**30) + 1)
   q_pos = _pad_to(q_pos.astype(jnp.int32), 1, tp, 0)
   kv_pos = _pad_to(kv_pos.astype(jnp.int32), 1, sp, 0)
-  out = _flash(qg, k, v, q_seg, kv_seg, q_pos, kv_pos, scale, bq, bk, causal)
-  return _ungroup(out[:, :, :, :t])
+  out, lse = _flash(qg, k, v, q_seg, kv_seg, q_pos, kv_pos, scale, bq, bk,
+                    causal)  # fmt: skip
+  out = _ungroup(out[:, :, :, :t])
+  if not return_lse:
+    return out
+  return out, lse[:, :, :, :t].transpose(0, 3, 1, 2).reshape(b, t, h)
 
 
 def _block_logits(qb, kb, qs, ks, qp, kp, scale, causal):
@@ -160,22 +197,26 @@ def _forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, scale, bq, bk, causal):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
 def _flash(q, k, v, q_seg, kv_seg, q_pos, kv_pos, scale, bq, bk, causal):
   return _forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, scale, bq, bk,
-                  causal)[0]  # fmt: skip
+                  causal)  # fmt: skip
 
 
 def _flash_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, scale, bq, bk, causal):
   out, lse = _forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, scale, bq, bk,
                       causal)  # fmt: skip
-  return out, (q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse)
+  return (out, lse), (q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse)
 
 
-def _flash_bwd(scale, bq, bk, causal, res, dout):
+def _flash_bwd(scale, bq, bk, causal, res, cotangents):
+  """FlashAttention-2's backward, with a cotangent for the lse too:
+  dL/ds = p * (dp - delta + dlse)."""
   q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse = res
+  dout, dlse = cotangents
   b, kh, g, t, d = q.shape
   nq, nk = t // bq, k.shape[2] // bk
   delta = jnp.sum(
       dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1
   )  # [B, K, G, T]
+  delta = delta - dlse.astype(jnp.float32)
 
   def k_block(dq, j):
     kb, vb = _slice(k, 2, j, bk), _slice(v, 2, j, bk)
@@ -220,9 +261,8 @@ def _flash_bwd(scale, bq, bk, causal, res, dout):
   )
   dk = jnp.moveaxis(dks, 0, 2).reshape(k.shape)
   dv = jnp.moveaxis(dvs, 0, 2).reshape(v.shape)
-  none = lambda x: None
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
-          none(q_seg), none(kv_seg), none(q_pos), none(kv_pos))  # fmt: skip
+          None, None, None, None)  # fmt: skip
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -257,7 +297,8 @@ def attend(
     kv_pos: jax.Array | None = None,
     scale: float,
     impl: str = "auto",
-) -> jax.Array:
+    return_lse: bool = False,
+):
   """Grouped-query attention under the module's masking convention.
 
   Args:
@@ -268,9 +309,12 @@ def attend(
       (no causal constraint).
     scale: logit scale.
     impl: 'auto', 'xla' or 'flash'.
+    return_lse: also return the float32 log-sum-exp [B, T, H] (for `merge`).
 
   Returns:
-    [B, T, H, d] in v's dtype. Logits and softmax statistics are float32.
+    [B, T, H, d] in v's dtype (and the lse). Logits and softmax statistics
+    are float32.
   """
   fn = {"xla": xla_attention, "flash": flash_attention}[resolve(impl)]
-  return fn(q, k, v, q_seg, kv_seg, q_pos, kv_pos, scale=scale)
+  return fn(q, k, v, q_seg, kv_seg, q_pos, kv_pos, scale=scale,
+            return_lse=return_lse)  # fmt: skip

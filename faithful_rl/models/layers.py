@@ -171,31 +171,38 @@ def layer_slice(stack: nnx.Module, i: int) -> nnx.Module:
 
 def run_stack(
     stack: nnx.Module,
-    fn: Callable[[nnx.Module, Any, jax.Array], Any],
+    fn: Callable[..., tuple[Any, Any]],
     carry: Any,
+    xs: Any = None,
     *,
     start: int,
     stop: int,
     remat: str = "none",
     scan: bool = True,
-) -> Any:
-  """carry = fn(layer_i, carry, i) for i in [start, stop).
+) -> tuple[Any, Any]:
+  """(carry, y_i) = fn(layer_i, carry, i, x_i) for i in [start, stop).
 
-  With `scan` the layers run as one `lax.scan` over the stacked parameters
-  (the program does not grow with depth); without it, as a Python loop over
-  the same parameters (the unrolled reference). `remat` names a policy of
-  `REMAT_POLICIES`: what each layer keeps for the backward pass.
+  Like `lax.scan` over layers: `xs` (leaves with a leading [stop - start]
+  axis, or None) are sliced per layer, the returned ys are stacked. With
+  `scan` the layers run as one `lax.scan` over the stacked parameters (the
+  program does not grow with depth); without it, as a Python loop over the
+  same parameters (the unrolled reference). `remat` names a policy of
+  `REMAT_POLICIES`: what each layer keeps for the backward pass, beyond its
+  carry and its xs.
+
+  Returns:
+    (final carry, stacked ys, None when there are no layers).
   """
   if stop <= start:
-    return carry
+    return carry, None
   graphdef, state = nnx.split(stack)
   n = jax.tree.leaves(state)[0].shape[0]
   if (start, stop) != (0, n):
     state = jax.tree.map(lambda a: a[start:stop], state)
 
-  def step(carry, xs):
-    i, layer_state = xs
-    return fn(nnx.merge(graphdef, layer_state), carry, i), None
+  def step(carry, inputs):
+    i, layer_state, x = inputs
+    return fn(nnx.merge(graphdef, layer_state), carry, i, x)
 
   if remat != "none":
     step = jax.checkpoint(
@@ -203,11 +210,14 @@ def run_stack(
     )
   idx = jnp.arange(start, stop, dtype=jnp.int32)
   if scan:
-    carry, _ = jax.lax.scan(step, carry, (idx, state))
-    return carry
+    return jax.lax.scan(step, carry, (idx, state, xs))
+  ys = []
   for j in range(stop - start):
-    carry, _ = step(carry, (idx[j], jax.tree.map(lambda a: a[j], state)))
-  return carry
+    take = lambda a, j=j: a[j]
+    carry, y = step(carry, (idx[j], jax.tree.map(take, state),
+                            jax.tree.map(take, xs)))  # fmt: skip
+    ys.append(y)
+  return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
 
 def rotate_half(x: jax.Array) -> jax.Array:

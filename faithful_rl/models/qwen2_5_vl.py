@@ -142,6 +142,11 @@ def visual_token_positions(
   return pos.astype(jnp.int32), valid
 
 
+def _group_rows(x: jax.Array, b: int) -> jax.Array:
+  """[N, ...] -> [b, N / b, ...]: the rows of each prefix group."""
+  return x.reshape((b, x.shape[0] // b) + x.shape[1:])
+
+
 def probe_attention(
     q: jax.Array,
     k: jax.Array,
@@ -149,6 +154,7 @@ def probe_attention(
     query_slots: jax.Array,
     probe: AttentionProbe,
     scale: float,
+    prefix: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
   """The probed attention rows of one layer.
 
@@ -157,11 +163,14 @@ def probe_attention(
     k: [B, K, S, d] keys after RoPE.
     key_mask: bool[B, S], keys that exist.
     query_slots: int32[B, T], key slot of each query (causal bound).
-    probe: which rows and columns.
+    probe: which rows and columns; with a prefix, key positions index the
+      concatenation [prefix (Tp) | own keys (S)].
     scale: logit scale.
+    prefix: (keys [b, K, Tp, d], mask bool[b, Tp]) shared by the B / b
+      consecutive rows of each group, all visible to every query.
 
   Returns:
-    float32[B, H, Q, V] probabilities (softmax over all S keys).
+    float32[B, H, Q, V] probabilities (softmax over all keys).
   """
   b, _, h, d = q.shape
   kh, s = k.shape[1], k.shape[2]
@@ -172,10 +181,26 @@ def probe_attention(
   logits = jnp.einsum(
       "bqkgd,bksd->bkgqs", qg, k, preferred_element_type=jnp.float32
   ).reshape(b, h, -1, s)
-  logits = logits * scale
   s_idx = jnp.arange(s)
   allowed = key_mask[:, None, :] & (s_idx[None, None, :] <= slot[:, :, None])
-  logits = jnp.where(allowed[:, None], logits, jnp.finfo(jnp.float32).min)
+  if prefix is not None:
+    pk, pmask = prefix
+    nb = pk.shape[0]
+    pre = jnp.einsum(
+        "brqkgd,bksd->brkgqs",
+        _group_rows(qg, nb),
+        pk,
+        preferred_element_type=jnp.float32,
+    ).reshape(b, h, -1, pk.shape[2])
+    logits = jnp.concatenate([pre, logits], axis=-1)
+    pre_ok = jnp.broadcast_to(
+        jnp.repeat(pmask, b // nb, axis=0)[:, None, :],
+        (b, allowed.shape[1], pk.shape[2]),
+    )
+    allowed = jnp.concatenate([pre_ok, allowed], axis=-1)
+  logits = jnp.where(
+      allowed[:, None], logits * scale, jnp.finfo(jnp.float32).min
+  )
   probs = jax.nn.softmax(logits, axis=-1)
   cols = jnp.take_along_axis(
       probs, probe.key_positions[:, None, None, :], axis=-1
@@ -189,7 +214,8 @@ class _Context:
 
   The attention mask is `attention.attend`'s: key j is visible to query i
   iff both are real tokens (segment 1; padding is segment 0, and padding
-  queries see only padding) and slot j <= slot i.
+  queries see only padding) and slot j <= slot i. With a prefix, every
+  query also sees every real prefix key of its group.
   """
 
   key_mask: jax.Array  # bool[B, S]
@@ -197,6 +223,7 @@ class _Context:
   cache_index: Any  # int (static) or a traced scalar
   probe: AttentionProbe | None
   impl: str = "auto"
+  prefix_mask: jax.Array | None = None  # bool[b, Tp]
 
   @property
   def static_index(self) -> bool:
@@ -217,28 +244,37 @@ class Attention(nnx.Module):
     self.v_proj = layers.linear(d, self.num_kv_heads * hd, bias=True, **kw)
     self.o_proj = layers.linear(self.num_heads * hd, d, bias=False, **kw)
 
-  def __call__(self, x, cos, sin, ctx: _Context, layer_cache):
-    """Returns (output [B, T, D], keys/values [B, K, S or T, d], probe)."""
+  def __call__(self, x, cos, sin, ctx: _Context, layer_cache, prefix=None):
+    """Returns (output [B, T, D], the T new keys/values [B, K, T, d] (in
+    the cache's dtype), probe [B, H, Q, V] or None).
+
+    `layer_cache`: this layer's (k, v) cache [B, K, S, d] or None;
+    `prefix`: this layer's shared prefix (k, v) [b, K, Tp, d] or None.
+    """
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, d]
+    new_kv = (k, v)
     if layer_cache is not None:
       ck, cv = layer_cache
+      new_kv = (k.astype(ck.dtype), v.astype(cv.dtype))
       start = (0, 0, ctx.cache_index, 0)
-      k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
-      v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
-    out = self._attend(q, k, v, ctx)
+      k = jax.lax.dynamic_update_slice(ck, new_kv[0], start)
+      v = jax.lax.dynamic_update_slice(cv, new_kv[1], start)
+    out = self._attend(q, k, v, ctx, prefix)
     probe = None
     if ctx.probe is not None:
       probe = probe_attention(
-          q, k, ctx.key_mask, ctx.query_slots, ctx.probe, self.head_dim**-0.5
-      )
-    return self.o_proj(out.reshape(b, t, -1)), (k, v), probe
+          q, k, ctx.key_mask, ctx.query_slots, ctx.probe,
+          self.head_dim**-0.5,
+          None if prefix is None else (prefix[0], ctx.prefix_mask),
+      )  # fmt: skip
+    return self.o_proj(out.reshape(b, t, -1)), new_kv, probe
 
-  def _attend(self, q, k, v, ctx: _Context):
+  def _attend(self, q, k, v, ctx: _Context, prefix):
     t, s = q.shape[1], k.shape[2]
     key_mask = ctx.key_mask
     impl = ctx.impl
@@ -251,7 +287,8 @@ class Attention(nnx.Module):
       impl = "xla"  # decoding: one query row per sequence, nothing to fuse
     kv_seg = key_mask.astype(jnp.int32)
     b = q.shape[0]
-    return attention_lib.attend(
+    scale = self.head_dim**-0.5
+    own = attention_lib.attend(
         q,
         k,
         v,
@@ -261,9 +298,29 @@ class Attention(nnx.Module):
         kv_seg=kv_seg,
         q_pos=ctx.query_slots,
         kv_pos=jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s)),
-        scale=self.head_dim**-0.5,
+        scale=scale,
         impl=impl,
+        return_lse=prefix is not None,
     )
+    if prefix is None:
+      return own
+    # The group's shared prefix, once per group: its G rows' queries are
+    # stacked as the rows of one longer query block.
+    pk, pv = prefix
+    nb, tp = pk.shape[0], pk.shape[2]
+    rows = q.reshape(nb, (b // nb) * t, q.shape[2], q.shape[3])
+    out, lse = attention_lib.attend(
+        rows,
+        pk,
+        pv,
+        q_seg=jnp.ones(rows.shape[:2], jnp.int32),
+        kv_seg=ctx.prefix_mask.astype(jnp.int32),
+        scale=scale,
+        impl=impl,
+        return_lse=True,
+    )
+    pre = (out.reshape(q.shape), lse.reshape(q.shape[:3]))
+    return attention_lib.merge([pre, own])
 
 
 class DecoderLayer(nnx.Module):
@@ -285,9 +342,9 @@ class DecoderLayer(nnx.Module):
         cfg.hidden_size, eps=eps, **kw
     )
 
-  def __call__(self, x, cos, sin, ctx, layer_cache):
+  def __call__(self, x, cos, sin, ctx, layer_cache, prefix=None):
     h, kv, probe = self.self_attn(
-        self.input_layernorm(x), cos, sin, ctx, layer_cache
+        self.input_layernorm(x), cos, sin, ctx, layer_cache, prefix
     )
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x))
@@ -436,6 +493,8 @@ class Qwen2_5_VL(nnx.Module):  # pylint: disable=invalid-name
       attention_probe: AttentionProbe | None = None,
       cache: KVCache | None = None,
       cache_index: Any = 0,
+      prefix_cache: KVCache | None = None,
+      prefix_mask: jax.Array | None = None,
       return_logits: bool = True,
   ) -> ModelOutput:
     """Runs the model.
@@ -460,6 +519,13 @@ class Qwen2_5_VL(nnx.Module):  # pylint: disable=invalid-name
       cache: a KVCache to write into and attend over.
       cache_index: first cache slot of the T new tokens (a Python int, or a
         traced scalar when decoding).
+      prefix_cache: keys and values [L, b, K, Tp, d] of a prefix shared by
+        groups of B / b consecutive rows (a prompt's G sampled responses):
+        every query also attends to its group's real prefix keys. The
+        prefix is read once per group, never repeated. `attention_mask`,
+        `cache` and the probe's key positions >= Tp then refer to each
+        row's own keys; key positions < Tp to the prefix.
+      prefix_mask: bool[b, Tp], the prefix keys that exist.
       return_logits: compute the float32 logits (else only hidden states).
     """
     cfg = self.config
@@ -509,15 +575,25 @@ class Qwen2_5_VL(nnx.Module):  # pylint: disable=invalid-name
           inputs_embeds, input_ids, image_embeds, image_mask
       )
     query_slots = cache_index + jnp.arange(t, dtype=jnp.int32)
+    if prefix_cache is not None:
+      if prefix_mask is None:
+        raise ValueError("prefix_cache needs prefix_mask")
+      if b % prefix_cache.k.shape[1]:
+        raise ValueError(
+            f"{b} rows do not split into groups of the prefix's"
+            f" {prefix_cache.k.shape[1]} rows"
+        )
+      prefix_mask = jnp.asarray(prefix_mask).astype(jnp.bool_)
     ctx = _Context(
         key_mask=key_mask,
         query_slots=jnp.broadcast_to(query_slots[None], (b, t)),
         cache_index=cache_index,
         probe=attention_probe,
         impl=self.attention,
+        prefix_mask=prefix_mask,
     )
     x, new_cache, visual_attention = self.decode(
-        inputs_embeds, position_ids, ctx, cache
+        inputs_embeds, position_ids, ctx, cache, prefix_cache
     )
     hidden = self.language_model.norm(x)
     return ModelOutput(
@@ -527,7 +603,14 @@ class Qwen2_5_VL(nnx.Module):  # pylint: disable=invalid-name
         cache=new_cache,
     )
 
-  def decode(self, x, position_ids, ctx: _Context, cache: KVCache | None):
+  def decode(
+      self,
+      x,
+      position_ids,
+      ctx: _Context,
+      cache: KVCache | None,
+      prefix: KVCache | None = None,
+  ):
     """The decoder layers: scanned runs between the probed layers.
 
     Returns (hidden [B, T, D] before the final norm, the updated cache or
@@ -551,35 +634,61 @@ class Qwen2_5_VL(nnx.Module):  # pylint: disable=invalid-name
         )
     plain = dataclasses.replace(ctx, probe=None)
 
-    def run(layer, carry, i, layer_ctx):
-      x, ck, cv = carry
-      layer_cache = None if ck is None else (ck[i], cv[i])
-      x, (k, v), out = layer(
-          layers.shard_batch(x), cos, sin, layer_ctx, layer_cache
+    def run(layer, x, per_layer, layer_ctx):
+      layer_cache, layer_prefix = per_layer
+      x, kv, out = layer(
+          layers.shard_batch(x), cos, sin, layer_ctx, layer_cache, layer_prefix
       )
-      if ck is not None:
-        ck = jax.lax.dynamic_update_index_in_dim(ck, k, i, 0)
-        cv = jax.lax.dynamic_update_index_in_dim(cv, v, i, 0)
-      return (x, ck, cv), out
+      return x, (kv if cache is not None else None, out)
 
-    carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
+    def per_layer(start, stop):
+      """This run of layers' cache and prefix slices (scan inputs)."""
+      take = lambda c: None if c is None else (c.k[start:stop],
+                                               c.v[start:stop])  # fmt: skip
+      return take(cache), take(prefix)
+
+    # The caches enter as per-layer inputs (never as a scanned carry, which
+    # the backward pass would keep once per layer); the layers return their
+    # T new keys and values, written into the stacked cache once at the end.
     stack = self.language_model.layers
-    visual_attention, start = {}, 0
-    for stop in probed + [tcfg.num_hidden_layers]:
-      carry = layers.run_stack(
+    n = tcfg.num_hidden_layers
+    new_kv, visual_attention, start = [], {}, 0
+    for stop in probed + [n]:
+      x, ys = layers.run_stack(
           stack,
-          lambda layer, c, i: run(layer, c, i, plain)[0],
-          carry,
+          lambda layer, x, i, xs: run(layer, x, xs, plain),
+          x,
+          per_layer(start, stop),
           start=start,
           stop=stop,
           remat=self.remat,
           scan=self.scan_layers,
       )
-      if stop == tcfg.num_hidden_layers:
+      if ys is not None and cache is not None:
+        new_kv.append(ys[0])
+      if stop == n:
         break
-      carry, out = run(self.language_model.layer(stop), carry, stop, ctx)
+      probed_run = lambda layer, x, xs: run(
+          layer, x, jax.tree.map(lambda a: a[0], xs), ctx
+      )
+      if self.remat != "none":
+        probed_run = jax.checkpoint(
+            probed_run, policy=layers.remat_policy(self.remat)
+        )
+      x, (kv, out) = probed_run(
+          self.language_model.layer(stop), x, per_layer(stop, stop + 1)
+      )
+      if cache is not None:
+        new_kv.append(jax.tree.map(lambda a: a[None], kv))
       visual_attention[stop] = out if probe.per_head else out.mean(axis=1)
       start = stop + 1
-    x, ck, cv = carry
-    new_cache = None if cache is None else KVCache(ck, cv)
+    new_cache = None
+    if cache is not None:
+      k_new = jnp.concatenate([kv[0] for kv in new_kv], axis=0)
+      v_new = jnp.concatenate([kv[1] for kv in new_kv], axis=0)
+      at = (0, 0, 0, ctx.cache_index, 0)
+      new_cache = KVCache(
+          k=jax.lax.dynamic_update_slice(cache.k, k_new, at),
+          v=jax.lax.dynamic_update_slice(cache.v, v_new, at),
+      )
     return x, new_cache, visual_attention

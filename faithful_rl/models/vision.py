@@ -190,12 +190,12 @@ class VisionTower(nnx.Module):
       window = None if full else cfg.window_patches
       block_seg = seg if full else in_window
 
-      def run(block, x, i, window=window, block_seg=block_seg):
-        del i
+      def run(block, x, i, xs, window=window, block_seg=block_seg):
+        del i, xs
         x = layers.shard_batch(x)
-        return block(x, cos, sin, block_seg, window, self.attention)
+        return block(x, cos, sin, block_seg, window, self.attention), None
 
-      x = layers.run_stack(
+      x, _ = layers.run_stack(
           self.blocks,
           run,
           x,
