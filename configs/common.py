@@ -184,6 +184,11 @@ def qwen2_5_vl_real(c, arg):
   c.data.response_buckets = (256, 512, 1024)
   c.data.processor.max_pixels = 1280 * 28 * 28
   c.model.remat = "full"  # benchmarks/memory.py: what makes the recipes fit
+  # Rows per gradient micro-batch and sequences per rollout call, sized by
+  # `python benchmarks/memory.py` for 8 x 80 GiB (fsdp=8) with >= 15%
+  # headroom: 16 / 32 rows and 256 sequences per device (7B / 3B).
+  c.rl.micro_batch = 128 if arg.variant == "7b" else 256
+  c.rl.rollout_chunk = 2048
   c.rl.num_prompts = 512 if arg.variant == "7b" else 256
   c.rl.gen_prompts = 3 * c.rl.num_prompts
   c.rl.max_rounds = 10
