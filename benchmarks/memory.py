@@ -88,8 +88,10 @@ class Report:
 
   def table(self) -> str:
     lines = [
-        "| model | program | shapes (per step) | args | out | temp | total"
-        f" GiB/device | fits {self.hbm:.0f} GiB | compile s |",
+        (
+            "| model | program | shapes (per step) | args | out | temp | total"
+            f" GiB/device | fits {self.hbm:.0f} GiB | compile s |"
+        ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for arch, prog, shapes, a, o, t, _, tot, sec in self.rows:

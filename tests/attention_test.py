@@ -24,7 +24,9 @@ def _inputs(seed, b, t, s, h, kh, d, *, causal, offset=0, dtype=jnp.float32):
     q_pos = kv_pos = None
     q_seg = kv_seg[:, :t]
   j = lambda x: None if x is None else jnp.asarray(x, jnp.int32)
-  mask = dict(q_seg=j(q_seg), kv_seg=j(kv_seg), q_pos=j(q_pos), kv_pos=j(kv_pos))
+  mask = dict(
+      q_seg=j(q_seg), kv_seg=j(kv_seg), q_pos=j(q_pos), kv_pos=j(kv_pos)
+  )
   return q, k, v, mask
 
 
@@ -110,3 +112,66 @@ def test_flash_memory_is_linear_in_length():
 def test_unknown_implementation_is_an_error():
   with pytest.raises(ValueError, match="cudnn9"):
     attention.resolve("cudnn9")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_splash_equals_xla_in_the_interpreter(case):
+  """The TPU kernel (run by the Pallas interpreter) under our masks."""
+  b, t, s, h, kh, d, causal, offset = case
+  q, k, v, mask = _inputs(3, b, t, s, h, kh, d, causal=causal, offset=offset)
+  real = np.asarray(mask["q_seg"], bool)[..., None, None]
+  ref = attention.xla_attention(q, k, v, **mask, scale=0.3)
+  out = attention.attend(
+      q, k, v, **mask, scale=0.3, impl="splash",
+      causal_offset=offset if causal else None,
+  )  # fmt: skip
+  np.testing.assert_allclose(out * real, ref * real, atol=2e-6)
+  w = jnp.asarray(np.random.default_rng(4).standard_normal(q.shape)) * real
+  grad = lambda impl: jax.grad(
+      lambda q, k, v: jnp.sum(
+          attention.attend(q, k, v, **mask, scale=0.3, impl=impl,
+                           causal_offset=offset if causal else None) * w
+      ),
+      argnums=(0, 1, 2),
+  )(q, k, v)  # fmt: skip
+  for a, c in zip(grad("xla"), grad("splash")):
+    np.testing.assert_allclose(a, c, atol=2e-5)
+
+
+@pytest.mark.parametrize("pad_side", ["left", "right"])
+def test_cudnn_path_through_xla_equals_masked_softmax(pad_side):
+  """The cuDNN call's arguments (rows rolled to the front, lengths, causal),
+  checked by running the same `jax.nn.dot_product_attention` call on XLA."""
+  b, t, h, kh, d = 3, 17, 4, 2, 8
+  rng = np.random.default_rng(5)
+  q = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((b, kh, t, d)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((b, kh, t, d)), jnp.float32)
+  n = np.array([17, 9, 4])
+  pos = np.arange(t)[None]
+  real = pos >= t - n[:, None] if pad_side == "left" else pos < n[:, None]
+  seg = jnp.asarray(real, jnp.int32)
+  slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  mask = dict(q_seg=seg, kv_seg=seg, q_pos=slots, kv_pos=slots)
+  ref = lambda q, k, v: attention.xla_attention(q, k, v, **mask, scale=0.3)
+  ours = lambda q, k, v: attention.cudnn_attention(
+      q, k, v, **mask, scale=0.3, implementation="xla"
+  )
+  keep = np.asarray(real)[..., None, None]
+  np.testing.assert_allclose(ours(q, k, v) * keep, ref(q, k, v) * keep,
+                             atol=1e-6)  # fmt: skip
+  w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32) * keep
+  g = lambda fn: jax.grad(lambda *a: jnp.sum(fn(*a) * w), (0, 1, 2))(q, k, v)
+  for a, c in zip(g(ref), g(ours)):
+    np.testing.assert_allclose(a, c, atol=1e-5)
+  # What the dispatcher sends to cuDNN, and what it leaves to flash.
+  bf = q.astype(jnp.bfloat16)
+  assert attention.cudnn_supports(
+      bf, causal=True, causal_offset=0, t=t, s=t, return_lse=False
+  )
+  for kw in (dict(causal_offset=3, s=t + 3), dict(return_lse=True)):
+    args = dict(causal=True, causal_offset=0, t=t, s=t, return_lse=False)
+    assert not attention.cudnn_supports(bf, **(args | kw))
+  assert not attention.cudnn_supports(
+      q, causal=True, causal_offset=0, t=t, s=t, return_lse=False
+  )  # float32: flash

@@ -82,6 +82,7 @@ def _grads(model, batch, targets):
         dict(scan_layers=True, remat="dots"),
         dict(scan_layers=True, remat="none", attention="flash"),
         dict(scan_layers=False, remat="full", attention="flash"),
+        dict(scan_layers=True, remat="full", attention="splash"),
     ],
 )
 def test_scanned_remat_fused_equals_unrolled(options):
@@ -102,9 +103,7 @@ def test_scanned_remat_fused_equals_unrolled(options):
   )
   g0 = _grads(base, batch, targets)
   g1 = _grads(other, batch, targets)
-  for (path, a), (_, b) in zip(
-      nnx.to_flat_state(g0), nnx.to_flat_state(g1)
-  ):
+  for (path, a), (_, b) in zip(nnx.to_flat_state(g0), nnx.to_flat_state(g1)):
     np.testing.assert_allclose(a[...], b[...], atol=1e-5, err_msg=str(path))
 
 

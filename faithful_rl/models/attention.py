@@ -20,6 +20,17 @@ Implementations:
          (FlashAttention-2's algorithm): memory O(T * block) instead of
          O(T * S), on any backend. `benchmarks/memory.py` compiles it to
          account for the fused kernels' memory on CPU.
+  splash the Pallas TPU kernel (segment ids and a static causal offset);
+         attention that needs the log-sum-exp (a shared prefix) or
+         positions without a static offset falls back to `flash`. Tests
+         run it in the Pallas interpreter on CPU.
+  cudnn  the GPU's fused kernel (`jax.nn.dot_product_attention`) for causal
+         self-attention over contiguous real tokens in bf16/fp16 (prompt
+         prefills, full-sequence forwards); the rest falls back to `flash`.
+         Tests run the same call through XLA on CPU;
+         `benchmarks/accelerator.py` compares it with `flash` on a GPU.
+
+'auto' picks xla on CPU, splash on TPU, cudnn on GPU.
 """
 
 from __future__ import annotations
@@ -91,8 +102,7 @@ def merge(parts):
   lse = jnp.stack([p[1] for p in parts])  # [n, B, T, H]
   total = jax.nn.logsumexp(lse, axis=0)
   out = sum(
-      o.astype(jnp.float32) * jnp.exp(l - total)[..., None]
-      for o, l in parts
+      o.astype(jnp.float32) * jnp.exp(l - total)[..., None] for o, l in parts
   )
   return out.astype(parts[0][0].dtype)
 
@@ -112,8 +122,18 @@ def _pad_to(x, axis, n, value):
 
 
 def flash_attention(
-    q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, scale, block_q=512,
-    block_k=512, return_lse=False,
+    q,
+    k,
+    v,
+    q_seg,
+    kv_seg,
+    q_pos,
+    kv_pos,
+    *,
+    scale,
+    block_q=512,
+    block_k=512,
+    return_lse=False,
 ):
   """Blocked attention; same contract as `xla_attention`."""
   b, t, h, d = q.shape
@@ -269,21 +289,170 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 # ---------------------------------------------------------------------------
+# splash: the Pallas TPU kernel.
+# ---------------------------------------------------------------------------
+
+SPLASH_BLOCK = 512  # largest tile; lengths are padded to multiples of 128
+
+
+def _splash_blocks(t: int, s: int):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # pylint: disable=g-import-not-at-top
+
+  bq = max(b for b in (128, 256, SPLASH_BLOCK) if t % b == 0)
+  bk = max(b for b in (128, 256, SPLASH_BLOCK) if s % b == 0)
+  return sk.BlockSizes(
+      block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
+      block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq,
+      block_kv_dq=bk,
+  )  # fmt: skip
+
+
+def splash_attention(
+    q,
+    k,
+    v,
+    q_seg,
+    kv_seg,
+    q_pos,
+    kv_pos,
+    *,
+    scale,
+    causal_offset=None,
+    interpret=None,
+    return_lse=False,
+):
+  """The TPU splash kernel (Pallas); same contract as `xla_attention`.
+
+  Causality must be the static structure `kv_pos = arange(S)`, `q_pos =
+  causal_offset + arange(T)` (queries after `causal_offset` earlier keys);
+  padding and images are segment ids. T and S are padded to multiples of
+  128 with segments that match only each other. `interpret` runs the kernel
+  in the Pallas interpreter (any backend; default: off on TPU).
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm  # pylint: disable=g-import-not-at-top
+
+  del kv_pos
+  if return_lse:
+    raise ValueError("splash attention does not return the log-sum-exp")
+  causal = q_pos is not None
+  if causal and causal_offset is None:
+    raise ValueError("splash attention needs a static causal_offset")
+  if interpret is None:
+    interpret = jax.default_backend() != "tpu"
+  b, t, h, d = q.shape
+  kh, s = k.shape[1], k.shape[2]
+  tp, sp = -(-t // 128) * 128, -(-s // 128) * 128
+  pad = -(2**30)
+  qg = _pad_to(_group(q * jnp.asarray(scale, q.dtype), kh), 3, tp, 0)
+  k, v = _pad_to(k, 2, sp, 0), _pad_to(v, 2, sp, 0)
+  q_seg = _pad_to(q_seg.astype(jnp.int32), 1, tp, pad)
+  kv_seg = _pad_to(kv_seg.astype(jnp.int32), 1, sp, pad)
+  g = h // kh
+  if causal:
+    mask = sm.CausalMask((tp, sp), offset=int(causal_offset))
+  else:
+    mask = sm.FullMask((tp, sp))
+  kernel = sk.make_splash_mqa(
+      sm.MultiHeadMask([mask] * g),
+      block_sizes=_splash_blocks(tp, sp),
+      head_shards=1,
+      q_seq_shards=1,
+      interpret=interpret,
+  )
+
+  def one(qe, ke, ve, qs, ks):  # one example: [K, G, T, d], [K, S, d]
+    seg = sk.SegmentIds(q=qs, kv=ks)
+    return jax.vmap(lambda qq, kk, vv: kernel(qq, kk, vv, segment_ids=seg))(
+        qe, ke, ve
+    )
+
+  out = jax.vmap(one)(qg, k, v, q_seg, kv_seg)  # [B, K, G, T, d]
+  return _ungroup(out[:, :, :, :t])
+
+
+# ---------------------------------------------------------------------------
+# cudnn: the fused kernel behind `jax.nn.dot_product_attention`.
+# ---------------------------------------------------------------------------
+
+
+def cudnn_supports(q, *, causal, causal_offset, t, s, return_lse) -> bool:
+  """Whether `cudnn_attention` can take this call (else `flash` does).
+
+  cuDNN takes causal self-attention over one contiguous run of real tokens
+  per row (rolled to the front, given as lengths), in bf16 or fp16. Not
+  the log-sum-exp a shared prefix merges with: JAX's cuDNN rule drops its
+  cotangent.
+  """
+  return (
+      causal
+      and causal_offset == 0
+      and t == s
+      and not return_lse
+      and q.dtype in (jnp.bfloat16, jnp.float16)
+      and q.shape[-1] % 8 == 0
+      and q.shape[-1] <= 128
+  )
+
+
+def _roll_rows(x, shift, axis=1):
+  """Row b of x rolled left by shift[b] along `axis` (a per-row gather)."""
+  n = x.shape[axis]
+  idx = (jnp.arange(n)[None] + shift[:, None]) % n  # [B, n]
+  idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
+  if axis != 1:
+    raise ValueError("rows roll along axis 1")
+  return jnp.take_along_axis(x, idx, axis=1)
+
+
+def cudnn_attention(
+    q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, scale, implementation="cudnn"
+):
+  """Causal self-attention through `jax.nn.dot_product_attention`.
+
+  Each row's real tokens (segment 1, one contiguous run: left- or
+  right-padded) are rolled to the front and given as sequence lengths, the
+  form the cuDNN kernel takes; the output is rolled back. Padding rows are
+  garbage, as in every implementation. `implementation='xla'` runs the same
+  call through XLA (how the tests check it on CPU).
+  """
+  del q_seg, q_pos, kv_pos
+  real = kv_seg > 0
+  start = jnp.argmax(real, axis=1).astype(jnp.int32)
+  lengths = real.sum(axis=1).astype(jnp.int32)
+  heads_last = lambda x: x.transpose(0, 2, 1, 3)  # [B, K, S, d] -> [B,S,K,d]
+  out = jax.nn.dot_product_attention(
+      _roll_rows(q, start),
+      _roll_rows(heads_last(k), start),
+      _roll_rows(heads_last(v), start),
+      scale=scale,
+      is_causal=True,
+      query_seq_lengths=lengths,
+      key_value_seq_lengths=lengths,
+      implementation=implementation,
+  )
+  return _roll_rows(out, -start)
+
+
+# ---------------------------------------------------------------------------
 # Dispatch.
 # ---------------------------------------------------------------------------
 
-IMPLEMENTATIONS = ("auto", "xla", "flash")
+IMPLEMENTATIONS = ("auto", "xla", "flash", "splash", "cudnn")
 
 
 def resolve(impl: str) -> str:
-  """'auto' -> the implementation for the default backend."""
+  """'auto' -> the implementation for the default backend: XLA's masked
+  softmax on CPU, splash on TPU, cuDNN on GPU (each with `flash` for what
+  its kernel cannot take)."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(
         f"unknown attention implementation {impl!r}; known: {IMPLEMENTATIONS}"
     )
   if impl != "auto":
     return impl
-  return "xla" if jax.default_backend() == "cpu" else "flash"
+  backend = jax.default_backend()
+  return {"cpu": "xla", "tpu": "splash", "gpu": "cudnn"}.get(backend, "flash")
 
 
 def attend(
@@ -298,6 +467,7 @@ def attend(
     scale: float,
     impl: str = "auto",
     return_lse: bool = False,
+    causal_offset: int | None = None,
 ):
   """Grouped-query attention under the module's masking convention.
 
@@ -308,13 +478,33 @@ def attend(
     q_pos, kv_pos: int[B, T], int[B, S] positions for causality, or None
       (no causal constraint).
     scale: logit scale.
-    impl: 'auto', 'xla' or 'flash'.
+    impl: 'auto', 'xla', 'flash', 'splash' or 'cudnn'.
     return_lse: also return the float32 log-sum-exp [B, T, H] (for `merge`).
+    causal_offset: a static int when `kv_pos = arange(S)` and `q_pos =
+      causal_offset + arange(T)` (what the splash kernel's static causal
+      mask needs); None otherwise.
 
   Returns:
     [B, T, H, d] in v's dtype (and the lse). Logits and softmax statistics
     are float32.
   """
-  fn = {"xla": xla_attention, "flash": flash_attention}[resolve(impl)]
+  impl = resolve(impl)
+  if impl == "splash" and (
+      return_lse or (q_pos is not None and causal_offset is None)
+  ):
+    impl = "flash"  # a shape the static kernel cannot take
+  if impl == "cudnn":
+    if not cudnn_supports(
+        q, causal=q_pos is not None, causal_offset=causal_offset,
+        t=q.shape[1], s=k.shape[2], return_lse=return_lse,
+    ):  # fmt: skip
+      impl = "flash"
+    else:
+      return cudnn_attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos,
+                             scale=scale)  # fmt: skip
+  if impl == "splash":
+    return splash_attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos,
+                            scale=scale, causal_offset=causal_offset)  # fmt: skip
+  fn = {"xla": xla_attention, "flash": flash_attention}[impl]
   return fn(q, k, v, q_seg, kv_seg, q_pos, kv_pos, scale=scale,
             return_lse=return_lse)  # fmt: skip

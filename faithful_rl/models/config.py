@@ -76,9 +76,7 @@ class VisionConfig:
   @property
   def has_windows(self) -> bool:
     """Whether some block uses window attention."""
-    return any(
-        i not in self.fullatt_block_indexes for i in range(self.depth)
-    )
+    return any(i not in self.fullatt_block_indexes for i in range(self.depth))
 
   @property
   def slot_multiple(self) -> int:

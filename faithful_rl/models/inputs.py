@@ -150,7 +150,7 @@ def example_vision_layout(
   if need > num_patches:
     raise ValueError(
         f"images need {need} patch slots ({n} patches, {n // unit} visual"
-        f" tokens, plus the padding of partial attention windows), more"
+        " tokens, plus the padding of partial attention windows), more"
         f" than the bucket of {num_patches} patches"
     )
   tokens, segs = [], []  # per slot group: merged token id (-1 pad), frame

@@ -301,6 +301,7 @@ class Attention(nnx.Module):
         scale=scale,
         impl=impl,
         return_lse=prefix is not None,
+        causal_offset=int(ctx.cache_index) if ctx.static_index else None,
     )
     if prefix is None:
       return own
@@ -393,7 +394,8 @@ class Qwen2_5_VL(nnx.Module):  # pylint: disable=invalid-name
       (only its input) or 'dots' (its matmul outputs); see
       `layers.REMAT_POLICIES`.
     attention: the main attention's implementation, 'auto' (XLA on CPU,
-      the blocked 'flash' kernel elsewhere), 'xla' or 'flash'.
+      splash on TPU, the blocked 'flash' kernel elsewhere), 'xla', 'flash'
+      or 'splash' (see `attention`).
     scan_layers: run the layers as one `lax.scan` (False: a Python loop over
       the same stacked parameters, the unrolled reference).
     rngs: initialisation randomness.
