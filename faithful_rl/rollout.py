@@ -234,43 +234,51 @@ def _head_logits(model, hidden: jax.Array) -> jax.Array:
   )
 
 
-def _prefill(model, batch: dict, vision):
-  """The prompts into a cache of exactly their slots (the shared prefix).
+def _prefill(model, batch: dict, vision, free: int = 0):
+  """The prompts into a cache of their slots plus `free` empty ones.
 
   Returns the prompt forward's output (its cache holds the prompts' keys
-  and values) and the M-RoPE position of each row's first response token
-  int[B].
+  and values), the key mask bool[B, Tp + free] (the free slots off) and the
+  M-RoPE position of each row's first response token int[B].
   """
   ids, pos = batch["prompt_ids"], batch["position_ids"]
   b, tp = ids.shape
+  kv_mask = jnp.concatenate(
+      [batch["prompt_mask"].astype(jnp.bool_), jnp.zeros((b, free), bool)], 1
+  )
   out = model(
       ids,
-      attention_mask=batch["prompt_mask"],
+      attention_mask=kv_mask,
       position_ids=pos,
       vision=vision,
-      cache=KVCache.zeros(model.config.text, b, tp, model.dtype),
+      cache=KVCache.zeros(model.config.text, b, tp + free, model.dtype),
       cache_index=0,
       return_logits=False,
   )
-  return out, pos.max(axis=(0, 2)) + 1
+  return out, kv_mask, pos.max(axis=(0, 2)) + 1
 
 
 def _sample_program(model, batch: dict, rng: jax.Array, config: SamplingConfig):
   """The whole rollout for one batch (traced once per bucket).
 
-  The prompts' keys and values are the G samples' shared prefix: each
-  decoding step reads a prompt's cache once for its G rows, and each row
-  keeps only its own R response slots.
+  With G > 1 samples per prompt, the prompts' keys and values are the
+  samples' shared prefix: each decoding step reads a prompt's cache once
+  for its G rows, and each row keeps only its own R response slots. With
+  G = 1 (evaluation) every row decodes into its prompt's cache.
   """
-  b, _ = batch["prompt_ids"].shape
+  b, tp = batch["prompt_ids"].shape
   g, r = config.num_samples, config.max_new_tokens
-  out, next_pos = _prefill(model, batch, batch.get("vision"))
-  prefix, prefix_mask = out.cache, batch["prompt_mask"]
+  n = b * g
+  if g == 1:
+    out, kv_mask, next_pos = _prefill(model, batch, batch.get("vision"), r)
+    cache, offset, shared = out.cache, tp, {}
+  else:
+    out, _, next_pos = _prefill(model, batch, batch.get("vision"))
+    shared = dict(prefix_cache=out.cache, prefix_mask=batch["prompt_mask"])
+    cache = KVCache.zeros(model.config.text, n, r, model.dtype)
+    kv_mask, offset = jnp.zeros((n, r), jnp.bool_), 0
   last = _head_logits(model, out.hidden[:, -1])  # left-padded: last is real
   last, next_pos = _repeat((last, next_pos), g)
-  n = b * g
-  cache = KVCache.zeros(model.config.text, n, r, model.dtype)
-  kv_mask = jnp.zeros((n, r), jnp.bool_)
   stop = jnp.asarray(config.stop_tokens or (-1,), jnp.int32)
 
   def cond(state):
@@ -287,17 +295,16 @@ def _sample_program(model, batch: dict, rng: jax.Array, config: SamplingConfig):
     logprobs = logprobs.at[:, step].set(lp)
     mask = mask.at[:, step].set(~done)
     done = done | jnp.isin(tok, stop)
-    kv_mask = kv_mask.at[:, step].set(True)
+    kv_mask = kv_mask.at[:, offset + step].set(True)
     step_pos = jnp.broadcast_to((next_pos + step)[None, :, None], (3, n, 1))
     out = model(
         tok[:, None],
         attention_mask=kv_mask,
         position_ids=step_pos,
         cache=cache,
-        cache_index=step,
-        prefix_cache=prefix,
-        prefix_mask=prefix_mask,
+        cache_index=offset + step,
         return_logits=False,
+        **shared,
     )
     logits = _head_logits(model, out.hidden[:, 0])
     return (step + 1, tokens, logprobs, mask, done, out.cache, kv_mask,
@@ -447,7 +454,7 @@ def _shared_prefix_forward(model, batch, vision, tokens, mask, g, probe):
   """
   b, _ = batch["prompt_ids"].shape
   r = tokens.shape[1]
-  prompt, next_pos = _prefill(model, batch, vision)
+  prompt, _, next_pos = _prefill(model, batch, vision)
   rpos = next_pos[:, None] + jnp.arange(r, dtype=next_pos.dtype)[None]
   rpos = jnp.broadcast_to(_repeat(rpos, g)[None], (3, b * g, r))  # [3, N, R]
   out = model(
