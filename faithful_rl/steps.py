@@ -1,4 +1,4 @@
-"""Pure, jittable training steps: SFT (+ anchoring), RL (+ EASE), analysis.
+"""Pure, jittable training steps: SFT (+ anchoring) and RL (+ EASE) updates.
 
 Everything here maps (params, batch, rng) to numbers; the learners
 (`rl.Learner`, `sft.Learner`) own the loops. Parameters are a pure dict
@@ -15,7 +15,8 @@ minibatch's counts (`Objective.totals`), so the accumulated gradient is
 the minibatch's gradient whatever M is.
 
 RL batches are `rl.batch.RolloutBatch`es; SFT batches are the dicts of
-`data.batching.collate` with `position_ids` batch-major [B, 3, Tp].
+`data.batching.collate` with `position_ids` batch-major [B, 3, Tp]. The
+RL step's no-gradient passes are in `rl.analysis`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from flax import nnx
 
 from faithful_rl import losses
 from faithful_rl import rollout
-from faithful_rl.models.inputs import VisionInputs
 from faithful_rl.models.qwen2_5_vl import AttentionProbe
 from faithful_rl.models.qwen2_5_vl import visual_token_positions
 from faithful_rl.rl.batch import RolloutBatch
@@ -156,7 +156,9 @@ def probe_layers(layers: tuple[int, ...], model) -> tuple[int, ...]:
   return tuple(layers) or (model.config.default_probe_layer,)
 
 
-def _probe(model, prompt_ids, num_visual, mask, rng, g, num_queries, layers):
+def probe_rows(
+    model, prompt_ids, num_visual, mask, rng, g, num_queries, layers
+):
   """Probe of up to K sampled response rows over the visual tokens.
 
   `rng`: one key, or one key per row. Returns (probe, query_valid bool[n,
@@ -176,14 +178,14 @@ def _probe(model, prompt_ids, num_visual, mask, rng, g, num_queries, layers):
   return probe, qvalid, kvalid
 
 
-def response_probe(model, batch, mask, rng, g, num_queries, layers):
-  """`_probe` for a dict batch (prompt_ids, ease_target); see `_probe`."""
+def responseprobe_rows(model, batch, mask, rng, g, num_queries, layers):
+  """`probe_rows` for a dict batch (prompt_ids, ease_target)."""
   v = batch["ease_target"].shape[1]
-  return _probe(model, batch["prompt_ids"], v, mask, rng, g, num_queries,
+  return probe_rows(model, batch["prompt_ids"], v, mask, rng, g, num_queries,
                 layers)  # fmt: skip
 
 
-def _row_keys(rng, row_ids):
+def row_keys(rng, row_ids):
   return jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids)
 
 
@@ -324,8 +326,8 @@ def rl_loss(params, graphdef, batch: RolloutBatch, rng, cfg: RLConfig, totals):
   tokens, mask = batch.tokens, batch.mask
   probe, qvalid, kvalid = None, None, None
   if cfg.ease.enabled:
-    keys = _row_keys(rng, batch.row_ids)
-    probe, qvalid, kvalid = _probe(
+    keys = row_keys(rng, batch.row_ids)
+    probe, qvalid, kvalid = probe_rows(
         model, batch.prompt_ids, batch.ease_target.shape[1], mask, keys, g,
         cfg.ease.num_queries, cfg.ease.layers,
     )  # fmt: skip
@@ -447,176 +449,3 @@ def make_update(
       donate_argnums=0,
       out_shardings=(state_shardings, None) if state_shardings else None,
   )
-
-
-# ---------------------------------------------------------------------------
-# The no-gradient analysis pass, reference log-probs, advantages.
-# ---------------------------------------------------------------------------
-
-
-def perturb_patches(
-    vision: VisionInputs, rng, *, drop_prob: float, black: jax.Array
-) -> VisionInputs:
-  """VPPO's perturbed image: each 14-px patch blackened with prob p.
-
-  `black` float[patch_dim] is a black patch after the processor's
-  normalisation ((0 - mean) / std per channel). `rng`: one key, or one
-  key per image (key[B]).
-  """
-  pix = vision.pixel_values
-  if rollout.per_row_keys(rng):
-    drop = jax.vmap(lambda k: jax.random.bernoulli(k, drop_prob, pix.shape[1:2])
-                    )(rng)  # fmt: skip
-  else:
-    drop = jax.random.bernoulli(rng, drop_prob, pix.shape[:2])
-  pix = jnp.where(drop[..., None], black.astype(pix.dtype), pix)
-  return dataclasses.replace(vision, pixel_values=pix)
-
-
-def analyze(params, graphdef, batch: RolloutBatch, rng, cfg: RLConfig, black):
-  """Per-trajectory quantities the rewards and advantages need.
-
-  Randomness is per row (query rows) and per prompt (VPPO's perturbation),
-  from `row_ids` / `group_ids`, so chunking does not change it. Returns a
-  dict with, as enabled:
-    attention float32[n, V], key_valid bool[n, V]: the response's visual
-      attention distribution (Faithful-MR1's reward reads it);
-    evidence_mass float32[n]: its share on evidence tokens;
-    logp_sum, logp_cf float32[n]: summed response log-prob on the original
-      and the counterfactual image (the 'logprob_drop' test);
-    dependency float32[n, R]: VPPO's token visual dependency S.
-  """
-  model = nnx.merge(graphdef, params)
-  g = batch.rows_per_prompt
-  tokens, mask = batch.tokens, batch.mask
-  out: dict[str, Any] = {}
-  r_cfg = cfg.reinforce
-  k_probe, k_vppo = jax.random.split(rng)
-  score = lambda vision, probe=None: rollout.score(
-      model,
-      batch.prompt_inputs(vision),
-      tokens,
-      mask,
-      num_samples=g,
-      temperature=cfg.temperature,
-      probe=probe,
-  )
-  if r_cfg.enabled:
-    probe, qvalid, kvalid = _probe(
-        model, batch.prompt_ids, batch.ease_target.shape[1], mask,
-        _row_keys(k_probe, batch.row_ids), g, r_cfg.num_queries,
-        r_cfg.layers,
-    )  # fmt: skip
-    logp, _, fwd = score("same", probe)
-    a = losses.trajectory_attention(
-        attention=fwd.visual_attention, valid=kvalid, query_mask=qvalid
-    )
-    ev = repeat_rows(batch.evidence_mask, g) & kvalid
-    out["evidence_mass"] = jnp.sum(jnp.where(ev, a, 0.0), -1)
-    out["attention"] = a
-    out["key_valid"] = kvalid
-    out["logp_sum"] = losses.masked_sum(logp, mask, axis=-1)
-    if r_cfg.test == "logprob_drop":
-      logp_cf, _, _ = score(batch.cf_vision)
-      out["logp_cf"] = losses.masked_sum(logp_cf, mask, axis=-1)
-  if cfg.vppo.enabled:
-    perturbed = perturb_patches(
-        batch.vision,
-        _row_keys(k_vppo, batch.group_ids),
-        drop_prob=cfg.vppo.drop_prob,
-        black=black,
-    )
-    logp_p, _, _ = score(perturbed)
-    out["dependency"] = losses.visual_dependency(
-        logp_perturbed=logp_p, logp_orig=batch.old_logp, mask=mask
-    )
-  return out
-
-
-def analyze_chunks(params, graphdef, chunks: RolloutBatch, rng, cfg, black):
-  """`analyze` over [M, ...] chunks, one at a time (`lax.map`)."""
-  return jax.lax.map(
-      lambda c: analyze(params, graphdef, c, rng, cfg, black), chunks
-  )
-
-
-def reference_chunks(params, graphdef, chunks: RolloutBatch, cfg: RLConfig):
-  """Log-probs of the sampled tokens under reference parameters, per chunk."""
-  model = nnx.merge(graphdef, params)
-
-  def one(c: RolloutBatch):
-    logp, _, _ = rollout.score(
-        model,
-        c.prompt_inputs(),
-        c.tokens,
-        c.mask,
-        num_samples=c.rows_per_prompt,
-        temperature=cfg.temperature,
-    )
-    return logp
-
-  return jax.lax.map(one, chunks)
-
-
-def finalize(batch: RolloutBatch, analysis: dict, cfg: RLConfig):
-  """Rewards (+ Faithful-MR1's attention reward), advantages, VPPO weights.
-
-  Returns (the batch with `rewards`, `advantages` and `token_weights` set,
-  scalar statistics of what was added).
-  """
-  g = batch.rows_per_prompt
-  total = batch.rewards
-  correct = batch.correct > 0.5
-  stats: dict[str, Any] = {}
-  rc = cfg.reinforce
-  if rc.enabled:
-    if rc.test == "rollout_flip":
-      causal = losses.causal_effect(
-          correct_orig=correct,
-          correct_cf=batch.correct_cf > 0.5,
-          test="rollout_flip",
-      )
-    else:
-      causal = losses.causal_effect(
-          logp_orig=analysis["logp_sum"],
-          logp_cf=analysis["logp_cf"],
-          test="logprob_drop",
-          margin=rc.margin,
-      )
-    bonus = losses.attention_mass_reward(
-        attention=analysis["attention"],
-        evidence_mask=repeat_rows(batch.evidence_mask, g),
-        valid=analysis["key_valid"],
-        correct=correct,
-        causal=causal,
-        lambda_attn=rc.lambda_attn,
-    )
-    total = total + bonus
-    stats["mr1/causal_rate"] = causal.mean()
-    stats["mr1/causal_rate_correct"] = losses.masked_mean(causal, correct)
-    stats["mr1/attention_reward"] = bonus.mean()
-    stats["mr1/evidence_mass"] = analysis["evidence_mass"].mean()
-  adv = losses.grpo_advantages(
-      rewards=total,
-      group_size=g,
-      std_mode=cfg.std_mode,
-      scale=cfg.scale_advantages,
-  )
-  weights = batch.token_weights
-  if cfg.vppo.enabled:
-    dep = analysis["dependency"]
-    weights = losses.topk_token_mask(
-        scores=dep, mask=batch.mask, frac=cfg.vppo.topk
-    ).astype(jnp.float32)
-    seq = losses.masked_mean(dep, batch.mask, axis=-1)
-    valid = batch.mask.any(-1)  # responses overlong filtering left empty
-    mult = losses.vppo_advantage_scale(
-        seq_scores=seq, beta_min=cfg.vppo.beta_min, valid=valid
-    )
-    adv = adv * mult
-    stats["vppo/dependency"] = losses.masked_mean(seq, valid)
-    stats["vppo/multiplier_max"] = jnp.max(jnp.where(valid, mult, 0.0))
-  batch = dataclasses.replace(
-      batch, rewards=total, advantages=adv, token_weights=weights
-  )
-  return batch, stats

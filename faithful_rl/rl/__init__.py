@@ -4,6 +4,7 @@
   state, metrics = learner.step(state, rng)
 
 Modules: `batch` (`RolloutBatch`, its abstract shapes and chunk layouts),
+`analysis` (the no-gradient passes, advantages),
 `rounds` (sampling rounds, rewards, dynamic sampling, the batch),
 `learner` (`Learner`).
 """

@@ -30,6 +30,7 @@ from faithful_rl import rollout
 from faithful_rl import sharding
 from faithful_rl import steps
 from faithful_rl.data import batching
+from faithful_rl.rl import analysis
 from faithful_rl.rl import rounds as rounds_lib
 from faithful_rl.rl.batch import check_chunk
 from faithful_rl.rl.batch import layout
@@ -134,9 +135,9 @@ class Learner:
     self.update = steps.make_update(
         steps.RL, tx, graphdef, self.cfg, state_shardings=state_shardings
     )
-    self._analyze = jax.jit(steps.analyze_chunks, static_argnums=(1, 4))
-    self._reference = jax.jit(steps.reference_chunks, static_argnums=(1, 3))
-    self._finalize = jax.jit(steps.finalize, static_argnums=(2,))
+    self._analyze = jax.jit(analysis.analyze_chunks, static_argnums=(1, 4))
+    self._reference = jax.jit(analysis.reference_chunks, static_argnums=(1, 3))
+    self._finalize = jax.jit(analysis.finalize, static_argnums=(2,))
     self.black = sharding.replicated(mesh, black_patch(processor))
     self.ref_params = None  # frozen at the stage's first step (kl_beta > 0)
 
@@ -182,14 +183,14 @@ class Learner:
       chunks = layout(batch, everything, rc.analysis_chunk, self.mesh)
       ref = self._reference(self.ref_params, self.graphdef, chunks, cfg)
       batch.ref_logp = unlayout(ref, n)
-    analysis = {}
+    passes = {}
     if cfg.reinforce.enabled or cfg.vppo.enabled:
       chunks = layout(batch, everything, rc.analysis_chunk, self.mesh)
       out = self._analyze(
           state.params, self.graphdef, chunks, k_an, cfg, self.black
       )
-      analysis = unlayout(out, n)
-    batch, fin_stats = self._finalize(batch, analysis, cfg)
+      passes = unlayout(out, n)
+    batch, fin_stats = self._finalize(batch, passes, cfg)
     t_analysis = time.perf_counter() - t0
     t0 = time.perf_counter()
     perm = np.random.default_rng(np.asarray(jax.random.key_data(k_perm)))
