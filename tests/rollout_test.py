@@ -265,6 +265,33 @@ def test_sampled_logprobs_equal_teacher_forced_score(pair, image_batch):
   assert np.abs(np.asarray(lp1) - np.asarray(out.logprobs))[mask].max() > 0.05
 
 
+def test_chunked_rollout_equals_unchunked_token_for_token(pair, image_batch):
+  """Per-row keys: calls of whole groups, or of rows of one group, sample
+  what one call of everything samples (same keys)."""
+  from faithful_rl import sharding  # pylint: disable=g-import-not-at-top
+  from faithful_rl.rl import rounds  # pylint: disable=g-import-not-at-top
+
+  _, _, _, model = pair
+  batch = dict(image_batch[1])
+  batch["position_ids"] = np.swapaxes(batch["position_ids"], 0, 1)
+  mesh = sharding.make_mesh()
+  engine = rollout.Engine(prompt_buckets=(48,), patch_buckets=(128,))
+  sample = lambda chunk, key=1: rounds.sample_rows(
+      engine, model, batch, np.arange(3), rng=jax.random.key(key),
+      sampling=SAMPLED, chunk=chunk, mesh=mesh,
+  )  # fmt: skip
+  whole = sample(12)  # 3 prompts x G = 4 in one call
+  assert whole["truncated"].any() and not whole["truncated"].all()
+  assert len({tuple(t) for t in whole["tokens"]}) == 12  # all rows differ
+  for chunk in (4, 2):  # one group per call; half a group per call
+    got = sample(chunk)
+    np.testing.assert_array_equal(got["tokens"], whole["tokens"])
+    np.testing.assert_array_equal(got["mask"], whole["mask"])
+    np.testing.assert_allclose(got["logprobs"], whole["logprobs"], atol=1e-5)
+  other = sample(12, key=2)
+  assert (other["tokens"] != whole["tokens"]).any()  # the key matters
+
+
 def test_bf16_logprob_gap(pair, image_batch, capsys):
   _, _, path, model32 = pair
   model16 = models.from_pretrained(path, dtype=jnp.bfloat16)
