@@ -434,14 +434,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       writer.write(
           step, metrics_lib.scalars(results[stage]), split=table_split[0]
       )
-      acc = results[stage].get("accuracy", float("nan"))
-      tqdm.tqdm.write(f"[eval] after {stage} (step {step}): accuracy {acc:.3f}")
+      if "accuracy" in results[stage]:
+        acc = results[stage]["accuracy"]
+        tqdm.tqdm.write(
+            f"[eval] after {stage} (step {step}): accuracy {acc:.3f}"
+        )
     elif config.eval.every and step % config.eval.every == 0:
       ev = evaluate(state, *eval_args, "eval", config.eval.num_examples)
       writer.write(step, metrics_lib.scalars(ev), split="eval")
-      acc = ev.get("accuracy", float("nan"))
-      tqdm.tqdm.write(f"[eval] step {step}: accuracy {acc:.3f}")
-    _test_kill_hook(step, writer)
+      if "accuracy" in ev:
+        tqdm.tqdm.write(f"[eval] step {step}: accuracy {ev['accuracy']:.3f}")
     if boundary and step < total_steps:
       # The next stage starts before the boundary checkpoint, so that it
       # holds the state a resumed run continues from (its fresh optimizer).
@@ -459,6 +461,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         or preempted
     ):
       save(ckpts, step, state, iters, results, learner)
+    _test_kill_hook(step, writer, ckpts)
     if preempted:
       break
   preemption.close()
@@ -495,11 +498,12 @@ def _test_signal_hook(step: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _test_kill_hook(step: int, writer) -> None:
-  """Test hook: SIGKILL (no cleanup) right after `step` was logged."""
+def _test_kill_hook(step: int, writer, ckpts) -> None:
+  """Test hook: SIGKILL (no cleanup) once `step` is logged and saved."""
   at = os.environ.get("FAITHFUL_RL_TEST_KILL_AT_STEP")
   if at and int(at) == step:
     writer.flush()
+    ckpts.wait()
     os.kill(os.getpid(), signal.SIGKILL)
 
 
