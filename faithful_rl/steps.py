@@ -178,7 +178,7 @@ def probe_rows(
   return probe, qvalid, kvalid
 
 
-def responseprobe_rows(model, batch, mask, rng, g, num_queries, layers):
+def response_probe(model, batch, mask, rng, g, num_queries, layers):
   """`probe_rows` for a dict batch (prompt_ids, ease_target)."""
   v = batch["ease_target"].shape[1]
   return probe_rows(model, batch["prompt_ids"], v, mask, rng, g, num_queries,

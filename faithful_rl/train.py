@@ -395,7 +395,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   )
   if latest is None and "init" not in results:
     results["init"] = evaluate(state, *eval_args, *table_split)
-    writer.write(0, metrics_lib.scalars(results["init"]), split=table_split[0])
+    if results["init"]:
+      writer.write(0, metrics_lib.scalars(results["init"]), table_split[0])
   bar = tqdm.tqdm(total=total_steps, initial=step, desc=stage,
                   dynamic_ncols=True, disable=not lead)  # fmt: skip
   t_last = time.perf_counter()
@@ -431,9 +432,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     boundary = step == s_end
     if boundary:  # held-out table entry: the test split, same examples
       results[stage] = evaluate(state, *eval_args, *table_split)
-      writer.write(
-          step, metrics_lib.scalars(results[stage]), split=table_split[0]
-      )
+      if results[stage]:
+        writer.write(step, metrics_lib.scalars(results[stage]), table_split[0])
       if "accuracy" in results[stage]:
         acc = results[stage]["accuracy"]
         tqdm.tqdm.write(
@@ -441,7 +441,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
     elif config.eval.every and step % config.eval.every == 0:
       ev = evaluate(state, *eval_args, "eval", config.eval.num_examples)
-      writer.write(step, metrics_lib.scalars(ev), split="eval")
+      if ev:
+        writer.write(step, metrics_lib.scalars(ev), split="eval")
       if "accuracy" in ev:
         tqdm.tqdm.write(f"[eval] step {step}: accuracy {ev['accuracy']:.3f}")
     if boundary and step < total_steps:
