@@ -249,3 +249,34 @@ def test_config_dataclasses_take_every_value_from_the_config():
   with pytest.raises(KeyError, match="no policy loss named 'dappo'"):
     steps.RLConfig.from_config(rl_block)
   assert dataclasses.fields(steps.EaseConfig)[0].default is dataclasses.MISSING
+
+
+def test_update_and_rollout_lower_from_abstract_inputs(setup):
+  """What benchmarks/memory.py does at 3B / 7B: no data, no allocation."""
+  from faithful_rl import rollout  # pylint: disable=g-import-not-at-top
+
+  graphdef, params, _, _ = setup
+  model_config = nnx.merge(graphdef, params).config
+  cfg = rl_config(ease=dict(enabled=True))
+  tx = optax.adamw(1e-6)
+  abstract_params = jax.eval_shape(lambda: params)
+  state = jax.eval_shape(
+      lambda p: steps.TrainState(p, tx.init(p), jnp.zeros((), jnp.int32)),
+      abstract_params,
+  )
+  shapes = dict(prompt_len=64, patches=64, response_len=16,
+                model_config=model_config)  # fmt: skip
+  micro = rl.RolloutBatch.abstract(prompts=1, num_samples=4, leading=(3,),
+                                   **shapes)  # fmt: skip
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  lowered = steps.make_update(steps.RL, tx, graphdef, cfg).lower(
+      state, micro, key
+  )
+  assert "while" in lowered.as_text()  # the scan over 3 micro-batches
+  chunk = rl.RolloutBatch.abstract(prompts=2, num_samples=4, **shapes)
+  sampling = rollout.SamplingConfig(num_samples=4, max_new_tokens=16)
+  row_ids = jax.ShapeDtypeStruct((8,), jnp.int32)
+  lowered = rollout.Engine().lower(
+      graphdef, sampling, abstract_params, chunk.prompt_inputs(), key, row_ids
+  )
+  assert lowered.out_info.tokens.shape == (8, 16)

@@ -102,10 +102,16 @@ class RolloutBatch:
 
     `vision`: "same" (this batch's images), or other VisionInputs.
     """
+    pos = self.position_ids
+    if isinstance(pos, jax.ShapeDtypeStruct):  # abstract (for lowering)
+      shape = (pos.shape[1], pos.shape[0]) + pos.shape[2:]
+      pos = jax.ShapeDtypeStruct(shape, pos.dtype)
+    else:
+      pos = jnp.swapaxes(pos, 0, 1)
     return dict(
         prompt_ids=self.prompt_ids,
         prompt_mask=self.prompt_mask,
-        position_ids=jnp.swapaxes(self.position_ids, 0, 1),
+        position_ids=pos,
         vision=self.vision if vision == "same" else vision,
     )
 
