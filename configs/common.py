@@ -283,6 +283,13 @@ def qwen2_5_vl_real(c, arg):
   return c
 
 
+# The synthetic task at runlocal size: colour and count questions.
+SMALL_SYNTHETIC = dict(
+    families=("attribute", "count"), num_train=64, num_validation=16,
+    num_test=16,
+)  # fmt: skip
+
+
 def tiny_model(c):
   """The demo's tiny from-scratch model and synthetic task (CPU scale)."""
   from configs import demo  # pylint: disable=g-import-not-at-top
@@ -293,12 +300,7 @@ def tiny_model(c):
   c.model.scratch = demo.scratch_model()
   c.data.name = "evidence_vqa/demo"
   c.data.jsonl = {}
-  c.data.synthetic = dict(
-      families=("attribute", "count"),
-      num_train=64,
-      num_validation=16,
-      num_test=16,
-  )
+  c.data.synthetic = dict(SMALL_SYNTHETIC)
   c.data.processor.max_pixels = None
   c.rl.optim.groups = ()
   return c
@@ -310,12 +312,7 @@ def runlocal_checkpoint(c):
   c.data.processor.min_pixels = 56 * 56
   if not c.data.jsonl:
     c.data.name = "evidence_vqa/demo"
-    c.data.synthetic = dict(
-        families=("attribute", "count"),
-        num_train=64,
-        num_validation=16,
-        num_test=16,
-    )
+    c.data.synthetic = dict(SMALL_SYNTHETIC)
   return c
 
 

@@ -264,7 +264,7 @@ def sft_loss(params, graphdef, batch: dict, rng, cfg: SFTConfig, totals):
   logp, ent, out = rollout.score(
       model, _sft_prompt(batch), tokens, mask, num_samples=1, probe=probe
   )
-  ce = -losses.masked_sum(logp, mask) / jnp.maximum(totals["tokens"], 1.0)
+  ce = -losses.masked_mean(logp, mask, count=totals["tokens"])
   metrics = {
       "ce": ce,
       "token_accuracy": losses.masked_mean(

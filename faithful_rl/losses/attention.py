@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from faithful_rl.losses.reductions import masked_mean
-from faithful_rl.losses.reductions import masked_sum
 
 Array = jax.Array
 Metrics = dict[str, Array]
@@ -223,12 +222,7 @@ def ease_loss(
   kl = attention_kl(
       attention=att_in, target=target, direction=direction, eps=eps, **kw
   )
-  if normalizer is None:
-    loss = masked_mean(kl, counted)
-  else:
-    loss = masked_sum(kl, counted) / jnp.maximum(
-        jnp.asarray(normalizer, jnp.float32), 1.0
-    )
+  loss = masked_mean(kl, counted, count=normalizer)
 
   sg = jax.lax.stop_gradient
   kl_all = attention_kl(
@@ -372,12 +366,7 @@ def anchor_loss(
       direction=direction,
       eps=eps,
   )
-  if normalizer is None:
-    loss = masked_mean(kl, has_t)
-  else:
-    loss = masked_sum(kl, has_t) / jnp.maximum(
-        jnp.asarray(normalizer, jnp.float32), 1.0
-    )
+  loss = masked_mean(kl, has_t, count=normalizer)
   sg = jax.lax.stop_gradient
   dist = trajectory_attention(
       attention=sg(a), valid=valid, renormalize=renormalize, eps=eps
