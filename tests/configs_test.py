@@ -43,6 +43,8 @@ def test_there_are_configs():
 def test_config_builds_model_and_train_state(name, arg):
   module = importlib.import_module(f"configs.{name}")
   config = module.get_config(arg)
+  rl.check_sizes(config.rl)  # chunks and micro-batches divide the batch
+  assert config.sft.batch_size % config.sft.micro_batch == 0
   model_config = train.model_config_for(config)
   dtype = jnp.dtype(config.model.dtype)
   _, abstract = nnx.eval_shape(

@@ -23,10 +23,10 @@ from flax import nnx
 
 from faithful_rl import losses
 from faithful_rl import rollout
+from faithful_rl import steps
 from faithful_rl.models.inputs import VisionInputs
 from faithful_rl.rl.batch import RolloutBatch
 from faithful_rl.rl.batch import repeat_rows
-from faithful_rl import steps
 
 
 def perturb_patches(
@@ -40,8 +40,8 @@ def perturb_patches(
   """
   pix = vision.pixel_values
   if rollout.per_row_keys(rng):
-    drop = jax.vmap(lambda k: jax.random.bernoulli(k, drop_prob, pix.shape[1:2])
-                    )(rng)  # fmt: skip
+    one = lambda key: jax.random.bernoulli(key, drop_prob, pix.shape[1:2])
+    drop = jax.vmap(one)(rng)
   else:
     drop = jax.random.bernoulli(rng, drop_prob, pix.shape[:2])
   pix = jnp.where(drop[..., None], black.astype(pix.dtype), pix)
