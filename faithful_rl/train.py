@@ -402,70 +402,74 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   t_last = time.perf_counter()
   preemption = Preemption()
   preempted = False
-  while step < total_steps:
-    _test_signal_hook(step)
-    t0 = time.perf_counter()
-    state, m = learner.step(state, jax.random.fold_in(base_rng, step))
-    m["time/step"] = time.perf_counter() - t0
-    loss = m.get("loss", 0.0)
-    if not math.isfinite(loss):
-      ckpts.wait()
-      last = ckpts.latest_step()
-      raise RunStopped(
-          f"non-finite loss ({loss}) at step {step} ({stage}); stopping"
-          " without saving. The last good checkpoint"
-          f" ({'none' if last is None else f'step {last}'}) is untouched."
-          " Lower the learning rate or check the data, then rerun."
-      )
-    step += 1
-    bar.update(1)
-    if step % config.log_every == 0 or step == s_end:
-      m["stage_" + stage] = 1.0
-      m["steps_per_sec"] = config.log_every / max(
-          time.perf_counter() - t_last, 1e-9
-      )
-      t_last = time.perf_counter()
-      writer.write(step, m, split="train")
-      bar.set_postfix(
-          {k: f"{m[k]:.3g}" for k in ("loss", "reward", "accuracy") if k in m}
-      )
-    boundary = step == s_end
-    if boundary:  # held-out table entry: the test split, same examples
-      results[stage] = evaluate(state, *eval_args, *table_split)
-      if results[stage]:
-        writer.write(step, metrics_lib.scalars(results[stage]), table_split[0])
-      if "accuracy" in results[stage]:
-        acc = results[stage]["accuracy"]
-        tqdm.tqdm.write(
-            f"[eval] after {stage} (step {step}): accuracy {acc:.3f}"
+  try:
+    while step < total_steps:
+      _test_signal_hook(step)
+      t0 = time.perf_counter()
+      state, m = learner.step(state, jax.random.fold_in(base_rng, step))
+      m["time/step"] = time.perf_counter() - t0
+      loss = m.get("loss", 0.0)
+      if not math.isfinite(loss):
+        ckpts.wait()
+        last = ckpts.latest_step()
+        raise RunStopped(
+            f"non-finite loss ({loss}) at step {step} ({stage}); stopping"
+            " without saving. The last good checkpoint"
+            f" ({'none' if last is None else f'step {last}'}) is untouched."
+            " Lower the learning rate or check the data, then rerun."
         )
-    elif config.eval.every and step % config.eval.every == 0:
-      ev = evaluate(state, *eval_args, "eval", config.eval.num_examples)
-      if ev:
-        writer.write(step, metrics_lib.scalars(ev), split="eval")
-      if "accuracy" in ev:
-        tqdm.tqdm.write(f"[eval] step {step}: accuracy {ev['accuracy']:.3f}")
-    if boundary and step < total_steps:
-      # The next stage starts before the boundary checkpoint, so that it
-      # holds the state a resumed run continues from (its fresh optimizer).
-      stage, s_start, s_end = stage_at(plan, step)
-      bar.set_description(stage)
-      tx, shardings, state = enter_stage(stage, plan, config, state,
-                                         graphdef, mesh)  # fmt: skip
-      learner = make_learner(stage, config, tx, shardings, graphdef, data,
-                             iters, mesh, engine)  # fmt: skip
-    preempted = preemption.should_stop() and step < total_steps
-    if (
-        boundary
-        or step % config.ckpt.every == 0
-        or step == total_steps
-        or preempted
-    ):
-      save(ckpts, step, state, iters, results, learner)
-    _test_kill_hook(step, writer, ckpts)
-    if preempted:
-      break
-  preemption.close()
+      step += 1
+      bar.update(1)
+      if step % config.log_every == 0 or step == s_end:
+        m["stage_" + stage] = 1.0
+        m["steps_per_sec"] = config.log_every / max(
+            time.perf_counter() - t_last, 1e-9
+        )
+        t_last = time.perf_counter()
+        writer.write(step, m, split="train")
+        bar.set_postfix(
+            {k: f"{m[k]:.3g}" for k in ("loss", "reward", "accuracy") if k in m}
+        )
+      boundary = step == s_end
+      if boundary:  # held-out table entry: the test split, same examples
+        results[stage] = evaluate(state, *eval_args, *table_split)
+        if results[stage]:
+          writer.write(
+              step, metrics_lib.scalars(results[stage]), table_split[0]
+          )
+        if "accuracy" in results[stage]:
+          acc = results[stage]["accuracy"]
+          tqdm.tqdm.write(
+              f"[eval] after {stage} (step {step}): accuracy {acc:.3f}"
+          )
+      elif config.eval.every and step % config.eval.every == 0:
+        ev = evaluate(state, *eval_args, "eval", config.eval.num_examples)
+        if ev:
+          writer.write(step, metrics_lib.scalars(ev), split="eval")
+        if "accuracy" in ev:
+          tqdm.tqdm.write(f"[eval] step {step}: accuracy {ev['accuracy']:.3f}")
+      if boundary and step < total_steps:
+        # The next stage starts before the boundary checkpoint, so that it
+        # holds the state a resumed run continues from (its fresh optimizer).
+        stage, s_start, s_end = stage_at(plan, step)
+        bar.set_description(stage)
+        tx, shardings, state = enter_stage(stage, plan, config, state,
+                                           graphdef, mesh)  # fmt: skip
+        learner = make_learner(stage, config, tx, shardings, graphdef, data,
+                               iters, mesh, engine)  # fmt: skip
+      preempted = preemption.should_stop() and step < total_steps
+      if (
+          boundary
+          or step % config.ckpt.every == 0
+          or step == total_steps
+          or preempted
+      ):
+        save(ckpts, step, state, iters, results, learner)
+      _test_kill_hook(step, writer, ckpts)
+      if preempted:
+        break
+  finally:  # a notebook keeps its own SIGTERM handling
+    preemption.close()
   bar.close()
   ckpts.wait()
 
