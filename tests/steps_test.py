@@ -156,9 +156,10 @@ def test_ease_step_moves_attention_toward_the_target(setup):
     _, m = loss_of(p, graphdef, bt, cfg)
     return m["ease/loss"], m
 
-  (kl0, m0), grads = jax.value_and_grad(ease, has_aux=True)(params)
+  grad_fn = jax.jit(jax.value_and_grad(ease, has_aux=True))
+  (kl0, m0), grads = grad_fn(params)
   new = jax.tree.map(lambda p, gr: p - 0.5 * gr, params, grads)
-  kl1, m1 = ease(new)
+  (kl1, m1), _ = grad_fn(new)
   assert float(kl1) < float(kl0)
   assert float(m1["ease/evidence_mass"]) > float(m0["ease/evidence_mass"])
 
@@ -280,3 +281,40 @@ def test_update_and_rollout_lower_from_abstract_inputs(setup):
       graphdef, sampling, abstract_params, chunk.prompt_inputs(), key, row_ids
   )
   assert lowered.out_info.tokens.shape == (8, 16)
+
+
+def test_analysis_and_reference_in_chunks_equal_one_chunk(setup):
+  """Faithful-MR1's and VPPO's passes, and the reference log-probs, in
+  chunks of half a group equal one chunk of everything (per-row keys)."""
+  from faithful_rl import rollout  # pylint: disable=g-import-not-at-top
+  from faithful_rl.rl import analysis  # pylint: disable=g-import-not-at-top
+
+  graphdef, params, batch, _ = setup
+  g, rng = 2, np.random.default_rng(4)
+  bt = rollout_batch(batch, g, [1, 0] * 4, rng, lengths=rng.integers(1, 9, 8))
+  bt.cf_vision = batch["cf_vision"]
+  bt = _dev(bt)
+  cfg = rl_config(
+      reinforce=dict(enabled=True, num_queries=4), vppo=dict(enabled=True)
+  )
+  black = jnp.zeros((batch["vision"].pixel_values.shape[-1],), jnp.float32)
+  run = jax.jit(analysis.analyze_chunks, static_argnums=(1, 4))
+  order = np.arange(4)
+  passes = [
+      rl.unlayout(run(params, graphdef, rl.layout(bt, order, rows),
+                      jax.random.key(5), cfg, black), 8)  # fmt: skip
+      for rows in (8, 1)
+  ]
+  whole = jax.device_get(passes[0])
+  assert 0 < whole["evidence_mass"].min() and whole["evidence_mass"].max() < 1
+  assert whole["dependency"].max() > 0 and np.isfinite(whole["logp_cf"]).all()
+  for k in whole:
+    np.testing.assert_allclose(passes[1][k], whole[k], atol=1e-5, err_msg=k)
+  ref = jax.jit(analysis.reference_chunks, static_argnums=(1, 3))
+  got = rl.unlayout(ref(params, graphdef, rl.layout(bt, order, 1), cfg), 8)
+  model = nnx.merge(graphdef, params)
+  want, _, _ = rollout.score(model, bt.prompt_inputs(), bt.tokens, bt.mask,
+                             num_samples=g)  # fmt: skip
+  mask = np.asarray(bt.mask)
+  np.testing.assert_allclose(np.asarray(got)[mask], np.asarray(want)[mask],
+                             atol=1e-5)  # fmt: skip
