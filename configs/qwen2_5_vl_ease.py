@@ -1,6 +1,6 @@
-r"""DAPO + EASE (docs/methods.md 3): the response's attention at layer floor(2L/3),
-K = 64 sampled response rows, heads averaged, renormalised over the visual
-tokens, pulled toward the evidence Gaussian-mixture target with
+r"""DAPO + EASE (docs/methods.md 3): the response's attention at layer
+floor(2L/3), K = 64 sampled response rows, heads averaged, renormalised over
+the visual tokens, pulled toward the evidence Gaussian-mixture target with
 KL(target || attention), only on trajectories with reward >= tau = 0.5;
 L = L_DAPO + 0.001 * L_attn. EASE's own runs used clip_high = 0.3.
 

@@ -1,5 +1,5 @@
-r"""VPPO (docs/methods.md 5): DAPO plus a perturbed-image branch (each 14-px patch
-blackened with p = 0.5); per-token visual dependency S = exp(d) - d - 1
+r"""VPPO (docs/methods.md 5): DAPO plus a perturbed-image branch (each 14-px
+patch blackened with p = 0.5); per-token visual dependency S = exp(d) - d - 1
 (clamped to [0, 10]); only the top 40% of each response's tokens by S get
 gradient; advantages scaled by beta_min + s (beta_max - beta_min) with s
 the min-max normalised mean dependency of the response.

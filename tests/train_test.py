@@ -1,8 +1,10 @@
-"""The trainer end to end on `runlocal`: exact resume, crash safety, errors.
+"""The trainer end to end on `runlocal`: exact resume, crash safety,
+preemption, errors, a loss chosen by name.
 
-Each run is a subprocess of `python -m faithful_rl.train` (a SIGKILL has to
-hit a real process). A persistent compilation cache shared by the runs
-keeps them at a few seconds each after the first.
+Most runs are subprocesses of `python -m faithful_rl.train` (a SIGKILL or
+SIGTERM has to hit a real process). A persistent compilation cache shared
+by the runs keeps them at a few seconds each after the first. All are
+marked slow (`pytest -m "not slow"` skips them); `make test` runs them.
 """
 
 import json
@@ -15,6 +17,8 @@ import sys
 import jax
 import numpy as np
 import pytest
+
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "--config=configs/demo.py:runlocal"
@@ -183,7 +187,6 @@ def test_incompatible_workdir_is_refused(finished, tmp_path):
   assert _checkpoint_files(workdir) == before
 
 
-@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_resumes_bitwise(
     finished, tmp_path
 ):
