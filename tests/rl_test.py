@@ -16,7 +16,6 @@ from faithful_rl import rollout
 from faithful_rl import sharding
 from faithful_rl import steps
 from faithful_rl.data import batching
-from faithful_rl.data.processing import Example
 from faithful_rl.rl import analysis
 from faithful_rl.rl import rounds
 import helpers
@@ -27,26 +26,14 @@ CONFIG = helpers.tiny_config()
 BUCKETS = batching.Buckets(prompt=(32, 48), patches=(64, 128), response=(4, 8))
 
 
-def example(name, grid=(1, 4, 8), n_text=5, seed=0) -> Example:
-  rng = np.random.default_rng(seed)
-  prompt = helpers.random_text(rng, n_text) + helpers.image_tokens(grid)
+def example(name, grid=(1, 4, 8), n_text=5, seed=0):
+  """An example with boxes (tokens 0-1 are evidence) whose answer is 1."""
   v = grid[0] * grid[1] * grid[2] // 4
-  return Example(
-      id=name,
-      prompt_ids=np.asarray(prompt, np.int32),
-      pixel_values=helpers.random_pixels(rng, [grid]),
-      cf_pixel_values=helpers.random_pixels(rng, [grid]),
-      image_grid_thw=np.asarray([grid], np.int64),
-      ease_target=np.full((v,), 1.0 / v, np.float32),
-      focus_target=np.full((v,), 1.0 / v, np.float32),
-      evidence_mask=np.arange(v) < 2,
-      has_boxes=True,
-      response_ids=np.asarray([2], np.int32),
-      boxes_tok=np.zeros((0, 4), np.float32),
-      box_image=0,
-      answer="1",
+  return helpers.example(
+      np.random.default_rng(seed), name, [grid], n_text, 0,
+      evidence_mask=np.arange(v) < 2, has_boxes=True, answer="1",
       answer_type="number",
-  )
+  )  # fmt: skip
 
 
 class FakeIterator:

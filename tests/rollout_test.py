@@ -73,30 +73,6 @@ def pair(tmp_path_factory):
   torch.set_num_threads(threads)
 
 
-def _example(rng, name, grids, n_before, n_after) -> Example:
-  """A processed example: random text, its images, random text."""
-  prompt = helpers.random_text(rng, n_before)
-  for g in grids:
-    prompt += helpers.image_tokens(g) + helpers.random_text(rng, n_after)
-  v = sum(t * h * w for t, h, w in grids) // 4
-  return Example(
-      id=name,
-      prompt_ids=np.asarray(prompt, np.int32),
-      pixel_values=helpers.random_pixels(rng, grids),
-      cf_pixel_values=helpers.random_pixels(rng, grids),
-      image_grid_thw=np.asarray(grids, np.int64).reshape(-1, 3),
-      ease_target=np.full((v,), 1.0 / max(v, 1), np.float32),
-      focus_target=np.full((v,), 1.0 / max(v, 1), np.float32),
-      evidence_mask=np.zeros((v,), bool),
-      has_boxes=False,
-      response_ids=np.asarray([2], np.int32),
-      boxes_tok=np.zeros((0, 4), np.float32),
-      box_image=0,
-      answer="",
-      answer_type="text",
-  )
-
-
 def _collate(config, examples, buckets=BUCKETS) -> dict:
   arrays = data.collate(examples, model_config=config, buckets=buckets).arrays
   keys = ("prompt_ids", "prompt_mask", "position_ids", "vision", "cf_vision")
@@ -109,9 +85,9 @@ def image_batch(pair):
   config = pair[0]
   rng = np.random.default_rng(0)
   examples = [
-      _example(rng, "a", [(1, 8, 12)], 3, 5),  # 34 tokens, 96 patches
-      _example(rng, "b", [(1, 6, 6)], 9, 3),  # 23 tokens, 36 patches
-      _example(rng, "c", [(1, 4, 8)], 2, 11),  # 23 tokens, 32 patches
+      helpers.example(rng, "a", [(1, 8, 12)], 3, 5),  # 34 tokens, 96 patches
+      helpers.example(rng, "b", [(1, 6, 6)], 9, 3),  # 23 tokens, 36 patches
+      helpers.example(rng, "c", [(1, 4, 8)], 2, 11),  # 23 tokens, 32 patches
   ]
   batch = _collate(config, examples)
   assert batch["prompt_ids"].shape == (3, 48)
@@ -467,7 +443,9 @@ def test_kept_sets_match_transformers_warpers():
 def test_engine_first_token_frequencies_pass_chi_square(pair):
   config, _, _, model = pair
   rng = np.random.default_rng(5)
-  batch = _prompt(_collate(config, [_example(rng, "x", [(1, 6, 8)], 4, 6)]))
+  batch = _prompt(
+      _collate(config, [helpers.example(rng, "x", [(1, 6, 8)], 4, 6)])
+  )
   g = 8192
   sampling = rollout.SamplingConfig(num_samples=g, max_new_tokens=1)
   out = rollout.Engine().sample(model, batch, jax.random.key(6), sampling)
@@ -546,21 +524,21 @@ def test_sizes_outside_the_buckets_are_errors(pair):
   # Padded to 40 (not a bucket) by hand.
   odd = data.Buckets(prompt=(40,), patches=(64,), response=(8,))
   batch = _prompt(
-      _collate(config, [_example(rng, "o", [(1, 4, 8)], 3, 3)], odd)
+      _collate(config, [helpers.example(rng, "o", [(1, 4, 8)], 3, 3)], odd)
   )
   with pytest.raises(ValueError, match=r"prompt length 40 is not a bucket"):
     engine.sample(model, batch, jax.random.key(0), sampling)
   odd = data.Buckets(prompt=(32,), patches=(96,), response=(8,))
   batch = _prompt(
-      _collate(config, [_example(rng, "o", [(1, 4, 8)], 3, 3)], odd)
+      _collate(config, [helpers.example(rng, "o", [(1, 4, 8)], 3, 3)], odd)
   )
   with pytest.raises(ValueError, match=r"patch count 96 is not a bucket"):
     engine.sample(model, batch, jax.random.key(0), sampling)
   assert engine.compilations == 0
   # Examples larger than every bucket never reach the sampler.
-  fine = _example(rng, "fine", [(1, 4, 4)], 3, 3)
-  long = _example(rng, "long-1", [(1, 4, 4)], 50, 3)  # 59 > 48 tokens
-  big = _example(rng, "big-1", [(1, 12, 12)], 1, 1)  # 144 > 128 patches
+  fine = helpers.example(rng, "fine", [(1, 4, 4)], 3, 3)
+  long = helpers.example(rng, "long-1", [(1, 4, 4)], 50, 3)  # 59 > 48 tokens
+  big = helpers.example(rng, "big-1", [(1, 12, 12)], 1, 1)  # 144 > 128 patches
   with pytest.raises(data.BucketError, match=r"'long-1'.*prompt length of 59"):
     _collate(config, [fine, long])
   with pytest.raises(data.BucketError, match=r"'big-1'.*image patches of 144"):
