@@ -21,7 +21,6 @@ from flax import nnx
 from faithful_rl import data
 from faithful_rl import models
 from faithful_rl import rollout
-from faithful_rl.data.processing import Example
 from faithful_rl.models import inputs as inputs_lib
 from faithful_rl.models import qwen2_5_vl
 import helpers
@@ -476,7 +475,7 @@ def test_engine_first_token_frequencies_pass_chi_square(pair):
 def test_one_compilation_per_bucket(pair):
   config, _, _, model = pair
   rng = np.random.default_rng(7)
-  ex = functools.partial(_example, rng)
+  ex = functools.partial(helpers.example, rng)
   batches = [
       # Prompt bucket 32, patch bucket 64.
       [ex("s1", [(1, 4, 8)], 3, 7), ex("s2", [(1, 6, 6)], 10, 2)],
