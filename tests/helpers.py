@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from faithful_rl.models.config import QWEN3_TEXT
 from faithful_rl.models.config import ModelConfig
+from faithful_rl.models.config import Qwen3VisionConfig
 from faithful_rl.models.config import TextConfig
 from faithful_rl.models.config import VisionConfig
 
@@ -45,6 +47,25 @@ def tiny_config(*, tied: bool = False, window: bool = True) -> ModelConfig:
       eos_token_id=2,
       pad_token_id=PAD,
   )
+
+
+def tiny_qwen3_config(*, tied: bool = False) -> ModelConfig:
+  """Qwen3-VL: 3 decoder layers (DeepStack feeds 0 and 1, not 2), head_dim
+  32 != 64 / 4, a 6 x 6 position table (grids above and below it)."""
+  base = tiny_config(tied=tied)
+  text = base.text.replace(
+      head_dim=32, rope_theta=5e6, mrope_section=(6, 5, 5), **QWEN3_TEXT
+  )
+  vision = Qwen3VisionConfig(
+      depth=4,
+      hidden_size=32,
+      intermediate_size=48,
+      num_heads=2,
+      out_hidden_size=64,
+      num_position_embeddings=36,
+      deepstack_visual_indexes=(0, 2),
+  )
+  return base.replace(family="qwen3_vl", text=text, vision=vision)
 
 
 def image_tokens(grid, merge: int = 2) -> list[int]:
