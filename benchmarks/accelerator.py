@@ -120,6 +120,7 @@ def make_batch(model_config, *, prompts, rows_per_prompt, prompt_len, visual,
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
+  from faithful_rl import rl  # pylint: disable=g-import-not-at-top
   from faithful_rl.models import inputs as inputs_lib  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(seed)
@@ -150,20 +151,28 @@ def make_batch(model_config, *, prompts, rows_per_prompt, prompt_len, visual,
   v = patches // vcfg.merge_unit
   target = np.zeros((prompts, v), np.float32)
   target[:, :n_img] = 1.0 / n_img
-  batch = dict(
+  f32 = lambda *shape: np.zeros(shape, np.float32)
+  batch = rl.RolloutBatch(
       prompt_ids=ids,
       prompt_mask=mask,
-      position_ids=pos,
+      position_ids=np.swapaxes(pos, 0, 1),
       vision=vis,
-      tokens=rng.integers(3, 100, (n, response_len)).astype(np.int32),
-      mask=np.ones((n, response_len), bool),
-      old_logp=np.full((n, response_len), -2.0, np.float32),
-      advantages=rng.standard_normal(n).astype(np.float32),
-      rewards=np.ones(n, np.float32),
-      token_weights=np.ones((n, response_len), np.float32),
+      cf_vision=None,
       ease_target=target,
       evidence_mask=target > 0,
       has_boxes=np.ones(prompts, bool),
+      group_ids=np.arange(prompts, dtype=np.int32),
+      tokens=rng.integers(3, 100, (n, response_len)).astype(np.int32),
+      mask=np.ones((n, response_len), bool),
+      old_logp=f32(n, response_len) - 2.0,
+      ref_logp=None,
+      token_weights=f32(n, response_len) + 1.0,
+      advantages=rng.standard_normal(n).astype(np.float32),
+      rewards=f32(n) + 1.0,
+      correct=f32(n) + 1.0,
+      correct_cf=None,
+      truncated=np.zeros(n, bool),
+      row_ids=np.arange(n, dtype=np.int32),
   )
   return jax.tree.map(jnp.asarray, batch)
 
@@ -192,6 +201,7 @@ def bench_update(args, config, model_config, graphdef, params):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
+  from faithful_rl import optim  # pylint: disable=g-import-not-at-top
   from faithful_rl import steps  # pylint: disable=g-import-not-at-top
   from faithful_rl import train  # pylint: disable=g-import-not-at-top
 
@@ -200,18 +210,21 @@ def bench_update(args, config, model_config, graphdef, params):
       model_config, prompts=1, rows_per_prompt=args.rows, prompt_len=tp,
       visual=vis, patches=patches, response_len=r,
   )  # fmt: skip
-  rl = config.rl
-  rl.num_samples = args.rows
-  cfg = steps.RLConfig.from_config(rl)
+  rc = config.rl
+  rc.num_samples = args.rows
+  cfg = steps.RLConfig.from_config(rc)
   tx = train.make_tx(config, "rl", params, 100)
   own = jax.tree.map(jnp.copy, params)  # the update donates its state
   state = steps.TrainState(own, tx.init(own), jnp.zeros((), jnp.int32))
-  update = steps.make_update(steps.rl_loss, tx, graphdef, cfg)
+  update = steps.make_update(
+      steps.RL, tx, graphdef, cfg, frozen=optim.frozen_patterns(rc.optim)
+  )
+  micro = jax.tree.map(lambda x: x[None], batch)  # one micro-batch
   rng = jax.random.key(0)
   holder = [state]
 
   def step():
-    holder[0], m = update(holder[0], batch, rng)
+    holder[0], m = update(holder[0], micro, rng)
     return m["loss"]
 
   t0 = time.perf_counter()
@@ -247,8 +260,7 @@ def bench_decode(args, config, model_config, graphdef, params):
       model_config, prompts=prompts, rows_per_prompt=g, prompt_len=tp,
       visual=vis, patches=patches, response_len=1,
   )  # fmt: skip
-  batch = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "position_ids",
-                                 "vision")}  # fmt: skip
+  batch = batch.prompt_inputs()
   dtype = jnp.dtype(config.model.dtype)
   # The sampler holds a compute-dtype copy of the weights: one step reads
   # 2 bytes per parameter instead of the masters' 4.
@@ -303,8 +315,7 @@ def bench_numerics(args, config, model_config, graphdef, params):
       model_config, prompts=2, rows_per_prompt=g, prompt_len=tp, visual=vis,
       patches=patches, response_len=1,
   )  # fmt: skip
-  batch = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "position_ids",
-                                 "vision")}  # fmt: skip
+  batch = batch.prompt_inputs()
   model = nnx.merge(graphdef, params)
   cfg = rollout.SamplingConfig(num_samples=g, max_new_tokens=r, stop_tokens=())
   out = rollout.sample(model, batch, jax.random.key(1), cfg)

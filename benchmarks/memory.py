@@ -130,38 +130,28 @@ def abstract_params(model_config, config, mesh):
   )
 
 
-def _batched(mesh, shape, dtype, axis=0):
+def _sharded(mesh, tree, axis: int):
+  """The abstract leaves of `tree` with `axis` over the mesh's batch axes."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
-  spec = [None] * len(shape)
-  spec[axis] = ("data", "fsdp")
-  return jax.ShapeDtypeStruct(
-      shape, dtype, sharding=NamedSharding(mesh, P(*spec))
-  )
+  def one(x):
+    spec = [None] * len(x.shape)
+    spec[axis] = ("data", "fsdp")
+    return jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=NamedSharding(mesh, P(*spec))
+    )
+
+  return jax.tree.map(one, tree)
 
 
-def abstract_prompts(model_config, mesh, *, prompts, prompt_len, patches):
-  """The prompt half of a batch: ids, mask, M-RoPE positions, vision."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  from faithful_rl.models.inputs import VisionInputs  # pylint: disable=g-import-not-at-top
-
-  b, v = prompts, patches // model_config.vision.merge_unit
-  pd = model_config.vision.patch_dim
-  return dict(
-      prompt_ids=_batched(mesh, (b, prompt_len), jnp.int32),
-      prompt_mask=_batched(mesh, (b, prompt_len), jnp.bool_),
-      position_ids=_batched(mesh, (3, b, prompt_len), jnp.int32, axis=1),
-      vision=VisionInputs(
-          pixel_values=_batched(mesh, (b, patches, pd), jnp.float32),
-          patch_index=_batched(mesh, (b, patches), jnp.int32),
-          patch_seg=_batched(mesh, (b, patches), jnp.int32),
-          rot_pos=_batched(mesh, (b, patches, 2), jnp.int32),
-          merge_restore=_batched(mesh, (b, v), jnp.int32),
-          token_valid=_batched(mesh, (b, v), jnp.bool_),
-      ),
+def _buckets(config):
+  """The recipe's largest buckets: prompt, patch slots, response."""
+  return (
+      config.data.prompt_buckets[-1],
+      config.data.patch_buckets[-1],
+      config.rl.sampling.max_new_tokens,
   )
 
 
@@ -180,7 +170,7 @@ def decoder_program(arch, config, mesh, report, tokens: int):
   model_config = train.model_config_for(config)
   graphdef, params = abstract_params(model_config, config, mesh)
   rows = mesh.size
-  ids = _batched(mesh, (rows, tokens), jnp.int32)
+  ids = _sharded(mesh, jax.ShapeDtypeStruct((rows, tokens), jnp.int32), 0)
 
   def loss(p, ids):
     hidden = nnx.merge(graphdef, p)(ids, return_logits=False).hidden
@@ -201,95 +191,92 @@ def decoder_program(arch, config, mesh, report, tokens: int):
 
 
 def update_program(arch, config, mesh, report):
-  """The EASE recipe's RL update at its micro-batch."""
+  """The recipe's RL update (EASE on) at its micro-batch: the learner's
+  own jitted update over the minibatch's micro-batches."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
+  from faithful_rl import optim  # pylint: disable=g-import-not-at-top
+  from faithful_rl import rl  # pylint: disable=g-import-not-at-top
   from faithful_rl import steps  # pylint: disable=g-import-not-at-top
   from faithful_rl import train  # pylint: disable=g-import-not-at-top
 
   model_config = train.model_config_for(config)
   graphdef, params = abstract_params(model_config, config, mesh)
   rc = config.rl
-  g = rc.num_samples
-  prompts = rc.get("micro_batch", mesh.size * g) // g
-  tp, patches, r = (
-      config.data.prompt_buckets[-1],
-      config.data.patch_buckets[-1],
-      rc.sampling.max_new_tokens,
+  g, rows = rc.num_samples, rc.micro_batch
+  minibatch = rc.num_prompts * g // rc.num_minibatches
+  m = minibatch // rows
+  tp, patches, r = _buckets(config)
+  batch = rl.RolloutBatch.abstract(
+      prompts=max(rows // g, 1),
+      num_samples=min(rows, g),
+      prompt_len=tp,
+      patches=patches,
+      response_len=r,
+      model_config=model_config,
+      leading=(m,),
   )
-  n, v = prompts * g, patches // model_config.vision.merge_unit
-  batch = abstract_prompts(
-      model_config, mesh, prompts=prompts, prompt_len=tp, patches=patches
-  )
-  f32 = jnp.float32
-  batch.update(
-      tokens=_batched(mesh, (n, r), jnp.int32),
-      mask=_batched(mesh, (n, r), jnp.bool_),
-      old_logp=_batched(mesh, (n, r), f32),
-      advantages=_batched(mesh, (n,), f32),
-      rewards=_batched(mesh, (n,), f32),
-      token_weights=_batched(mesh, (n, r), f32),
-      ease_target=_batched(mesh, (prompts, v), f32),
-      evidence_mask=_batched(mesh, (prompts, v), jnp.bool_),
-      has_boxes=_batched(mesh, (prompts,), jnp.bool_),
-  )
-  cfg = steps.RLConfig.from_config(rc)
+  batch = _sharded(mesh, batch, 1)
   tx = train.make_tx(config, "rl", params, 100)
   abstract_state, shardings = train.abstract_train_state(
       graphdef, params, tx, mesh
   )
   update = steps.make_update(
-      steps.rl_loss, tx, graphdef, cfg, state_shardings=shardings
+      steps.RL,
+      tx,
+      graphdef,
+      steps.RLConfig.from_config(rc),
+      state_shardings=shardings,
+      frozen=optim.frozen_patterns(rc.optim),
   )
   t0 = time.perf_counter()
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
   compiled = update.lower(abstract_state, batch, rng).compile()
-  per_device = n // mesh.size
+  v = patches // model_config.vision.merge_unit
   report.add(
       arch,
       "update",
-      f"{prompts}x{g} rows ({per_device}/device) {tp}+{r} tok, {v} vis",
+      f"{m} x {rows} rows ({rows // mesh.size}/device) {tp}+{r} tok, {v} vis",
       compiled,
       time.perf_counter() - t0,
   )
 
 
 def rollout_program(arch, config, mesh, report):
-  """The sampling program at the recipe's rollout chunk."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-
+  """The learner's sampling program at the recipe's rollout chunk."""
   import jax  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
+  from faithful_rl import rl  # pylint: disable=g-import-not-at-top
   from faithful_rl import rollout  # pylint: disable=g-import-not-at-top
   from faithful_rl import train  # pylint: disable=g-import-not-at-top
 
   model_config = train.model_config_for(config)
   graphdef, params = abstract_params(model_config, config, mesh)
   rc = config.rl
-  g = rc.num_samples
-  chunk = rc.get("rollout_chunk", mesh.size * g)
-  prompts = chunk // g
-  tp, patches, r = (
-      config.data.prompt_buckets[-1],
-      config.data.patch_buckets[-1],
-      rc.sampling.max_new_tokens,
+  g, chunk = rc.num_samples, rc.rollout_chunk
+  tp, patches, r = _buckets(config)
+  batch = rl.RolloutBatch.abstract(
+      prompts=chunk // g,
+      num_samples=g,
+      prompt_len=tp,
+      patches=patches,
+      response_len=r,
+      model_config=model_config,
   )
-  batch = abstract_prompts(
-      model_config, mesh, prompts=prompts, prompt_len=tp, patches=patches
+  prompts = _sharded(mesh, batch.prompt_inputs(), 0)
+  prompts["position_ids"] = _sharded(
+      mesh, batch.prompt_inputs()["position_ids"], 1
   )
+  row_ids = _sharded(mesh, jax.ShapeDtypeStruct((chunk,), jnp.int32), 0)
   sampling = rollout.SamplingConfig(num_samples=g, max_new_tokens=r)
-
-  def program(p, batch, rng):
-    model = nnx.merge(graphdef, p)
-    return dataclasses.asdict(
-        rollout.sample_traced(model, batch, rng, sampling)
-    )
-
   t0 = time.perf_counter()
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-  compiled = jax.jit(program).lower(params, batch, rng).compile()
+  compiled = (
+      rollout.Engine()
+      .lower(graphdef, sampling, params, prompts, rng, row_ids)
+      .compile()
+  )
   report.add(
       arch,
       "rollout",

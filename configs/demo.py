@@ -6,7 +6,7 @@ held-out evaluation table (chance vs after SFT vs after RL).
   python -m faithful_rl.train --config=configs/demo.py:runlocal --workdir=/tmp/d
 
 The model: ViT 2 x 64 on 112-px images (16 merged visual tokens), decoder
-4 x 128, the project's own 442-token tokenizer. Calibration (DESIGN.md):
+4 x 128, the project's own 442-token tokenizer. Calibration (docs/design.md):
 a model of this size learns colour and count questions from 0.40 to 0.72
 held-out accuracy in 1000 AdamW steps of batch 64.
 """
@@ -87,14 +87,21 @@ def demo_config(runlocal: bool = False, algorithm: str = "dapo"):
   c.ckpt = dict(every=100, keep=2, async_save=True)
   c.log_every = 25
   if runlocal:
-    common.runlocal(c)
-    c.data.prompt_buckets = (56, 64)
-    c.data.synthetic.num_train = 64
-    c.data.synthetic.num_validation = 16
-    c.data.synthetic.num_test = 16
+    shrink(c)
+  return c
+
+
+def shrink(c):
+  """The demo at `runlocal` size: the same task, a minute on a CPU."""
+  common.runlocal(c)
+  c.data.prompt_buckets = (56, 64)
+  c.data.synthetic.num_train = 64
+  c.data.synthetic.num_validation = 16
+  c.data.synthetic.num_test = 16
   return c
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, runlocal=False, algorithm="dapo")
+  """`demo` is accepted (this is the demo); `algorithm=grpo|dapo|vppo`."""
+  arg = common.parse_arg(arg, runlocal=False, demo=True, algorithm="dapo")
   return demo_config(arg.runlocal, arg.algorithm)

@@ -221,7 +221,7 @@ def test_bf16_compute_float32_masters_learn_at_lr_1e6(tmp_path):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
       state,
   )
-  back, _ = ckpts.restore(1, abstract)
+  back, _, _ = ckpts.restore(1, abstract)
   ckpts.close()
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(back.params)):
     assert b.dtype == jnp.float32

@@ -259,71 +259,91 @@ class Attention(nnx.Module):
     q, k = self.qk(x, cos, sin)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, d]
-    new_kv = (k, v)
     if layer_cache is not None:
-      ck, cv = layer_cache
-      new_kv = (k.astype(ck.dtype), v.astype(cv.dtype))
-      start = (0, 0, ctx.cache_index, 0)
-      k = jax.lax.dynamic_update_slice(ck, new_kv[0], start)
-      v = jax.lax.dynamic_update_slice(cv, new_kv[1], start)
-    out = self._attend(q, k, v, ctx, prefix)
+      k = k.astype(layer_cache[0].dtype)
+      v = v.astype(layer_cache[1].dtype)
+    out = self._attend(q, (k, v), layer_cache, ctx, prefix)
     probe = None
     if ctx.probe is not None:
+      keys = k
+      if layer_cache is not None:
+        at = (0, 0, ctx.cache_index, 0)
+        keys = jax.lax.dynamic_update_slice(layer_cache[0], k, at)
       probe = probe_attention(
-          q, k, ctx.key_mask, ctx.query_slots, ctx.probe,
+          q, keys, ctx.key_mask, ctx.query_slots, ctx.probe,
           self.head_dim**-0.5,
           None if prefix is None else (prefix[0], ctx.prefix_mask),
       )  # fmt: skip
-    return self.o_proj(out.reshape(b, t, -1)), new_kv, probe
+    return self.o_proj(out.reshape(b, t, -1)), (k, v), probe
 
-  def _attend(self, q, k, v, ctx: Context, prefix):
-    t, s = q.shape[1], k.shape[2]
-    key_mask = ctx.key_mask
-    impl = ctx.impl
-    if ctx.static_index:
-      # Slots past the last query are causally invisible: leave them out
-      # (a prefill then attends over the prompt, not the whole cache).
-      s = min(s, int(ctx.cache_index) + t)
-      k, v, key_mask = k[:, :, :s], v[:, :, :s], key_mask[:, :s]
-    else:
-      impl = "xla"  # decoding: one query row per sequence, nothing to fuse
-    kv_seg = key_mask.astype(jnp.int32)
-    b = q.shape[0]
+  def _attend(self, q, new_kv, layer_cache, ctx: Context, prefix):
+    """Attention over the prefix (if any), the cached keys (if any) and the
+    T new keys, merged by log-sum-exp when there is more than one part.
+
+    The cache is only read: the new keys are attended on their own rather
+    than written into a copy of the layer's cache (the layer returns them;
+    `decode` writes all layers' new keys into the stacked cache once).
+    """
+    b, t = q.shape[:2]
+    k, v = new_kv
     scale = self.head_dim**-0.5
-    own = attention_lib.attend(
-        q,
-        k,
-        v,
-        q_seg=jnp.take_along_axis(
-            kv_seg, jnp.minimum(ctx.query_slots, s - 1), axis=1
-        ),
-        kv_seg=kv_seg,
-        q_pos=ctx.query_slots,
-        kv_pos=jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s)),
-        scale=scale,
-        impl=impl,
-        return_lse=prefix is not None,
-        causal_offset=int(ctx.cache_index) if ctx.static_index else None,
-    )
-    if prefix is None:
-      return own
-    # The group's shared prefix, once per group: its G rows' queries are
-    # stacked as the rows of one longer query block.
-    pk, pv = prefix
-    nb, tp = pk.shape[0], pk.shape[2]
-    rows = q.reshape(nb, (b // nb) * t, q.shape[2], q.shape[3])
-    out, lse = attention_lib.attend(
-        rows,
-        pk,
-        pv,
-        q_seg=jnp.ones(rows.shape[:2], jnp.int32),
-        kv_seg=ctx.prefix_mask.astype(jnp.int32),
-        scale=scale,
-        impl=impl,
-        return_lse=True,
-    )
-    pre = (out.reshape(q.shape), lse.reshape(q.shape[:3]))
-    return attention_lib.merge([pre, own])
+    slots = ctx.query_slots
+    key_mask = ctx.key_mask
+    fresh = layer_cache is None or (ctx.static_index and ctx.cache_index == 0)
+    parts = []
+    if not fresh:  # decoding: the cached keys before the new ones
+      ck, cv = layer_cache
+      s = ck.shape[2]
+      slot = jnp.arange(s, dtype=jnp.int32)
+      new = (slot >= ctx.cache_index) & (slot < ctx.cache_index + t)
+      parts.append(
+          attention_lib.attend(
+              q, ck, cv,
+              q_seg=jnp.ones((b, t), jnp.int32),
+              kv_seg=(key_mask & ~new[None]).astype(jnp.int32),
+              q_pos=slots,
+              kv_pos=jnp.broadcast_to(slot[None], (b, s)),
+              scale=scale,
+              impl="xla",  # one query row per sequence: nothing to fuse
+              return_lse=True,
+          )
+      )  # fmt: skip
+    # The T new keys (all of them, without a cache or in a fresh one).
+    new_mask = jax.lax.dynamic_slice_in_dim(key_mask, ctx.cache_index, t, 1)
+    new_seg = new_mask.astype(jnp.int32)
+    parts.append(
+        attention_lib.attend(
+            q, k, v,
+            q_seg=new_seg,
+            kv_seg=new_seg,
+            q_pos=slots,
+            kv_pos=slots,
+            scale=scale,
+            impl=ctx.impl if fresh else "xla",
+            return_lse=bool(parts) or prefix is not None,
+            causal_offset=0 if fresh else None,
+        )
+    )  # fmt: skip
+    if prefix is not None:
+      # The group's shared prefix, once per group: its G rows' queries are
+      # stacked as the rows of one longer query block.
+      pk, pv = prefix
+      nb = pk.shape[0]
+      rows = q.reshape(nb, (b // nb) * t, q.shape[2], q.shape[3])
+      out, lse = attention_lib.attend(
+          rows,
+          pk,
+          pv,
+          q_seg=jnp.ones(rows.shape[:2], jnp.int32),
+          kv_seg=ctx.prefix_mask.astype(jnp.int32),
+          scale=scale,
+          impl=ctx.impl if ctx.static_index else "xla",
+          return_lse=True,
+      )
+      parts.append((out.reshape(q.shape), lse.reshape(q.shape[:3])))
+    if len(parts) == 1:
+      return parts[0]
+    return attention_lib.merge(parts)
 
 
 class DecoderLayer(nnx.Module):
