@@ -125,3 +125,85 @@ def example(rng, name, grids, n_before, n_after, **fields) -> Example:
   )
   values.update(fields)
   return Example(**values)
+
+
+# Qwen3-VL's image processor settings (its preprocessor_config.json): 16-px
+# patches merged 2 x 2 into 32-px tokens, mean = std = 0.5; min/max pixels
+# set small for CPU-sized images.
+QWEN3_PREPROCESSOR = dict(
+    image_processor_type="Qwen2VLImageProcessorFast",
+    processor_class="Qwen3VLProcessor",
+    do_convert_rgb=True,
+    do_normalize=True,
+    do_rescale=True,
+    do_resize=True,
+    image_mean=[0.5, 0.5, 0.5],
+    image_std=[0.5, 0.5, 0.5],
+    merge_size=2,
+    patch_size=16,
+    temporal_patch_size=2,
+    resample=3,
+    rescale_factor=1 / 255,
+    size=dict(shortest_edge=64 * 64, longest_edge=256 * 256),
+)
+
+# The shape of Qwen3-VL's chat template: a system turn only when the
+# messages start with one (no default system message).
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for content in message['content'] %}"
+    "{%- if content['type'] == 'image' or 'image' in content %}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in content %}{{- content['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- endif %}"
+)
+
+
+def write_qwen3_folder(path: str, seed: int = 0) -> ModelConfig:
+  """A tiny Qwen3-VL checkpoint folder as transformers writes it, with the
+  demo tokenizer, Qwen3-VL's image processor settings and chat template."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers import Qwen3VLForConditionalGeneration  # pylint: disable=g-import-not-at-top
+
+  from faithful_rl.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+
+  demo = tok_lib.demo_tokenizer_dir()
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(os.path.join(demo, name), os.path.join(path, name))
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+
+  tok = AutoTokenizer.from_pretrained(path)
+  tok.chat_template = QWEN3_CHAT_TEMPLATE
+  tok.save_pretrained(path)
+  with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+    json.dump(QWEN3_PREPROCESSOR, f, indent=2)
+  ids = tok_lib.special_token_ids(tok).model_config_kwargs()
+  config = tiny_qwen3_config().replace(**ids).replace_text(vocab_size=448)
+  torch.manual_seed(seed)
+  Qwen3VLForConditionalGeneration(config.to_hf()).save_pretrained(path)
+  return config
+
+
+def image_only(processor_cls, processor):
+  """transformers' `processor_cls` over our processor's tokenizer and image
+  processor, without its video processor (that needs torchvision)."""
+
+  class ImageOnly(processor_cls):
+
+    @classmethod
+    def get_attributes(cls):
+      return ["image_processor", "tokenizer"]
+
+  return ImageOnly(
+      image_processor=processor.image_processor,
+      tokenizer=processor.tokenizer,
+      chat_template=processor.tokenizer.chat_template,
+  )
