@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+
 import numpy as np
 
 from faithful_rl.data.processing import Example
@@ -166,10 +170,6 @@ QWEN3_CHAT_TEMPLATE = (
 def write_qwen3_folder(path: str, seed: int = 0) -> ModelConfig:
   """A tiny Qwen3-VL checkpoint folder as transformers writes it, with the
   demo tokenizer, Qwen3-VL's image processor settings and chat template."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  import shutil  # pylint: disable=g-import-not-at-top
-
   import torch  # pylint: disable=g-import-not-at-top
   from transformers import Qwen3VLForConditionalGeneration  # pylint: disable=g-import-not-at-top
 
@@ -207,3 +207,18 @@ def image_only(processor_cls, processor):
       tokenizer=processor.tokenizer,
       chat_template=processor.tokenizer.chat_template,
   )
+
+
+def final_params(workdir):
+  """The last checkpoint's parameters, as host arrays by path."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  with ocp.CheckpointManager(ckpt_dir) as mngr:
+    step = mngr.latest_step()
+    restored = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    )
+  leaves = jax.tree_util.tree_leaves_with_path(restored["state"]["params"])
+  return step, {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}

@@ -155,3 +155,37 @@ def test_from_pretrained_picks_the_family(folder, tmp_path):
   assert isinstance(
       models.from_pretrained(str(tmp_path)), qwen2_5_vl.Qwen2_5_VL
   )
+
+
+@pytest.mark.slow
+def test_runlocal_ease_trains_a_qwen3_checkpoint(folder, tmp_path):
+  """`configs/qwen3_vl_ease.py:runlocal,hf_dir=...` through
+  `faithful_rl.train`: two RL steps whose loss carries the EASE term (the
+  gate off, as a random model earns no reward) and move the decoder."""
+  from configs import qwen3_vl_ease  # pylint: disable=g-import-not-at-top
+  from faithful_rl import train  # pylint: disable=g-import-not-at-top
+
+  config = qwen3_vl_ease.get_config(f"runlocal,hf_dir={folder}")
+  assert config.model.init == "hf" and config.model.hf_dir == folder
+  config.rl.ease.gate = False
+  workdir = str(tmp_path / "run")
+  results = train.train(config, workdir)
+  assert {"init", "rl"} <= set(results)
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  rl_rows = [r for r in rows if r["split"] == "train"]
+  assert [r["step"] for r in rl_rows] == [1, 2]
+  for r in rl_rows:
+    assert np.isfinite(r["loss"]) and r["grad_norm"] > 0
+    assert r["ease/gate_coverage"] == 1.0 and r["ease/loss"] > 0
+  # 24 of 36 / 2 of 3 layers: the probe read the model's default layer.
+  assert 0 < rl_rows[0]["ease/evidence_mass"] < 1
+  before = models.from_pretrained(folder)
+  step, params = helpers.final_params(workdir)
+  assert step == 2
+  key = "['language_model']['layers']['mlp']['down_proj']['kernel']"
+  start = before.language_model.layers.mlp.down_proj.kernel[...]
+  assert np.abs(params[key] - np.asarray(start)).max() > 0
+  # The vision tower is frozen (the recipes' optimizer group).
+  key = "['visual']['patch_embed']['kernel']"
+  start = before.visual.patch_embed.kernel[...]
+  np.testing.assert_array_equal(params[key], np.asarray(start))
