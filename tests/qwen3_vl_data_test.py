@@ -189,3 +189,64 @@ def test_runlocal_ease_trains_a_qwen3_checkpoint(folder, tmp_path):
   key = "['visual']['patch_embed']['kernel']"
   start = before.visual.patch_embed.kernel[...]
   np.testing.assert_array_equal(params[key], np.asarray(start))
+
+
+@pytest.fixture(scope="module")
+def step_setup(folder):
+  """(graphdef, params, collated batch) of the Qwen3-VL folder on four
+  synthetic questions, responses starting with `<Focus>`."""
+  import itertools  # pylint: disable=g-import-not-at-top
+
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from faithful_rl.data import batching  # pylint: disable=g-import-not-at-top
+  from faithful_rl.data import synthetic  # pylint: disable=g-import-not-at-top
+
+  proc = data.processor_for(folder, focus_token=True)
+  config = synthetic.SyntheticConfig(families=("attribute", "count"))
+  records = itertools.islice(synthetic.generate(config, "train", 4), 4)
+  examples = [proc.process(r) for r in records]
+  batch = batching.collate(
+      examples,
+      model_config=proc.model_config,
+      buckets=batching.Buckets(prompt=(64,), patches=(64,), response=(16,)),
+  ).arrays
+  assert batch["has_boxes"].all()
+  graphdef, state = nnx.split(models.from_pretrained(folder))
+  return graphdef, nnx.to_pure_dict(state), batch, proc
+
+
+@pytest.mark.slow
+def test_anchor_step_on_qwen3(step_setup):
+  """The Faithful-MR1 anchor loss (SFT) on Qwen3-VL reads the `<Focus>`
+  row at layer floor(2 * 3 / 3) = 2, past the DeepStack layers, and a
+  small gradient step lowers it (EASE: the runlocal test above)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from faithful_rl import sft  # pylint: disable=g-import-not-at-top
+  from faithful_rl import steps  # pylint: disable=g-import-not-at-top
+
+  graphdef, params, batch, proc = step_setup
+  assert (batch["response_ids"][:, 0] == proc.ids.focus).all()
+  image = proc.model_config.image_token_id
+  anchor = dict(common.base_config().sft.anchor, enabled=True, weight=1.0)
+  cfg = steps.SFTConfig(anchor=steps.AnchorConfig(**anchor))
+  b = {k: batch[k] for k in sft.KEYS}
+  b["position_ids"] = np.swapaxes(b["position_ids"], 0, 1)
+  b = jax.tree.map(jnp.asarray, b)
+  totals = steps.sft_totals(jax.tree.map(lambda x: x[None], b), cfg, image)
+
+  def anchor_loss(p):
+    _, m = steps.sft_loss(p, graphdef, b, None, cfg, totals)
+    return m["anchor/loss"], m
+
+  grad_fn = jax.jit(jax.value_and_grad(anchor_loss, has_aux=True))
+  (l0, m0), grads = grad_fn(params)
+  assert np.isfinite(float(l0)) and float(l0) > 0 and np.isfinite(m0["ce"])
+  norm = optax.global_norm(grads)
+  assert float(norm) > 0
+  new = jax.tree.map(lambda p, g: p - 0.05 * g / norm, params, grads)
+  (l1, _), _ = grad_fn(new)
+  assert float(l1) < float(l0)
