@@ -1,9 +1,11 @@
 r"""Forward speed vs `transformers`, and peak host memory of loading.
 
-  python benchmarks/forward.py                 # both parts
+  python benchmarks/forward.py                 # both parts, both families
   python benchmarks/forward.py --skip_memory   # speed only
+  python benchmarks/forward.py --skip_memory --family=qwen3_vl
 
-Speed: our jitted forward and `transformers`' Qwen2_5_VLForConditionalGeneration
+Speed, per family: our jitted forward and `transformers`'
+Qwen2_5_VLForConditionalGeneration / Qwen3VLForConditionalGeneration
 (torch, eval, no_grad, same thread count) on the same mid-sized random
 config (text hidden 512 x 8 layers, vision hidden 512 x 8 blocks, one
 448x448 image per example, batch 2), float32 on CPU. The runs alternate, so
@@ -27,11 +29,24 @@ import time
 import numpy as np
 
 
-def mid_config():
+def mid_config(family: str = "qwen2_5_vl"):
+  from faithful_rl.models.config import QWEN3_TEXT
   from faithful_rl.models.config import ModelConfig
+  from faithful_rl.models.config import Qwen3VisionConfig
   from faithful_rl.models.config import TextConfig
   from faithful_rl.models.config import VisionConfig
 
+  vision = dict(depth=8, hidden_size=512, intermediate_size=1024)
+  vision.update(num_heads=8, out_hidden_size=512)
+  if family == "qwen3_vl":  # Qwen3-VL's blocks at the same widths
+    base = mid_config()
+    return base.replace(
+        family=family,
+        text=base.text.replace(
+            head_dim=64, mrope_section=(12, 10, 10), **QWEN3_TEXT
+        ),
+        vision=Qwen3VisionConfig(deepstack_visual_indexes=(1, 3, 5), **vision),
+    )
   return ModelConfig(
       text=TextConfig(
           vocab_size=32000,
@@ -43,14 +58,7 @@ def mid_config():
           mrope_section=(8, 12, 12),
           tie_word_embeddings=False,
       ),
-      vision=VisionConfig(
-          depth=8,
-          hidden_size=512,
-          intermediate_size=1024,
-          num_heads=8,
-          out_hidden_size=512,
-          fullatt_block_indexes=(3, 7),
-      ),
+      vision=VisionConfig(fullatt_block_indexes=(3, 7), **vision),
       image_token_id=31999,
       vision_start_token_id=31997,
       vision_end_token_id=31998,
@@ -75,26 +83,34 @@ def _alternate(fns, repeats):
   return [float(np.median(t)) for t in times]
 
 
-def bench_speed(repeats: int):
+def bench_speed(repeats: int, family: str):
   import jax
   import torch
-  from transformers import Qwen2_5_VLForConditionalGeneration
+  import transformers
 
   from faithful_rl import models
   from faithful_rl.models import inputs as inputs_lib
 
   threads = os.cpu_count()
   torch.set_num_threads(threads)
-  config = mid_config()
+  config = mid_config(family)
+  hf_class = getattr(
+      transformers,
+      {
+          "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+          "qwen3_vl": "Qwen3VLForConditionalGeneration",
+      }[family],
+  )
   torch.manual_seed(0)
-  hf = Qwen2_5_VLForConditionalGeneration(config.to_hf()).eval()
+  hf = hf_class(config.to_hf()).eval()
   with tempfile.TemporaryDirectory() as d:
     hf.save_pretrained(d)
     model = models.from_pretrained(d)
 
   rng = np.random.default_rng(0)
-  grid = (1, 32, 32)  # 448 x 448 px
-  n_img = 32 * 32 // 4
+  side = 448 // config.vision.patch_size  # 448 x 448 px
+  grid = (1, side, side)
+  n_img = side * side // 4
   prompt = (
       [5] * 10
       + [config.vision_start_token_id]
@@ -104,7 +120,9 @@ def bench_speed(repeats: int):
   )
   ids = np.array([prompt, prompt], np.int64)
   mask = np.ones_like(ids)
-  pix = rng.standard_normal((2 * 1024, config.vision.patch_dim), np.float32)
+  pix = rng.standard_normal(
+      (2 * side * side, config.vision.patch_dim), np.float32
+  )
   thw = np.array([grid, grid])
 
   pix_list, grids = inputs_lib.split_hf_images(ids, pix, thw, config)
@@ -119,6 +137,8 @@ def bench_speed(repeats: int):
 
   @nnx.jit
   def vision_tower(m, vis):
+    if family == "qwen3_vl":  # its tower also gives the DeepStack features
+      return m.vision_features(vis)
     return m.encode_images(vis)
 
   args = [jax.numpy.asarray(x) for x in (ids, mask, pos)]
@@ -145,13 +165,14 @@ def bench_speed(repeats: int):
       [
           lambda: forward(model, *args, vis).block_until_ready(),
           reference,
-          lambda: vision_tower(model, vis).block_until_ready(),
+          lambda: jax.block_until_ready(vision_tower(model, vis)),
           reference_vision,
       ],
       repeats,
   )
   print(
-      f"forward, batch 2 x (1 image 448x448 + {ids.shape[1] - n_img} text"
+      f"{family} forward, batch 2 x (1 image 448x448 + {ids.shape[1] - n_img}"
+      " text"
       f" tokens), T={ids.shape[1]}, float32, {threads} CPU threads"
   )
   print(f"  faithful_rl (jax.jit): {ours * 1e3:8.1f} ms")
@@ -241,13 +262,15 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--skip_memory", action="store_true")
   parser.add_argument("--skip_speed", action="store_true")
+  parser.add_argument("--family", default="qwen2_5_vl,qwen3_vl")
   parser.add_argument("--_load", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args._load:  # pylint: disable=protected-access
     _load_and_report(args._load)  # pylint: disable=protected-access
     return
   if not args.skip_speed:
-    bench_speed(args.repeats)
+    for family in args.family.split(","):
+      bench_speed(args.repeats, family)
   if not args.skip_memory:
     bench_memory()
 

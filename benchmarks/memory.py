@@ -1,7 +1,8 @@
 r"""Per-device memory of the real recipes' programs, from the compiler.
 
-  python benchmarks/memory.py                       # 3B and 7B, every program
+  python benchmarks/memory.py          # Qwen2.5-VL 3B/7B, Qwen3-VL 8B
   python benchmarks/memory.py --arch=qwen2_5_vl_7b --program=decoder
+  python benchmarks/memory.py --arch=qwen3_vl_8b --program=update,rollout
 
 Nothing is allocated: each program is lowered from abstract inputs
 (`jax.ShapeDtypeStruct`s carrying their shardings) on a mesh of 8 fake CPU
@@ -50,11 +51,13 @@ def _setup(devices: int):
 
 
 def recipe(arch: str):
-  """The EASE recipe's config for `arch` (variant from the name)."""
-  from configs import qwen2_5_vl_ease  # pylint: disable=g-import-not-at-top
+  """The EASE recipe's config for `arch` (family and variant from the
+  name: qwen2_5_vl_7b, qwen3_vl_8b, ...)."""
+  import importlib  # pylint: disable=g-import-not-at-top
 
-  variant = arch.rsplit("_", 1)[1]
-  return qwen2_5_vl_ease.get_config(f"variant={variant}")
+  family, variant = arch.rsplit("_", 1)
+  module = importlib.import_module(f"configs.{family}_ease")
+  return module.get_config(f"variant={variant}")
 
 
 class Report:
@@ -288,7 +291,9 @@ def rollout_program(arch, config, mesh, report):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--arch", default="qwen2_5_vl_3b,qwen2_5_vl_7b")
+  parser.add_argument(
+      "--arch", default="qwen2_5_vl_3b,qwen2_5_vl_7b,qwen3_vl_8b"
+  )
   parser.add_argument("--program", default="decoder,update,rollout")
   parser.add_argument("--devices", type=int, default=8)
   parser.add_argument("--hbm", type=float, default=80.0, help="GiB per chip")

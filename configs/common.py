@@ -6,7 +6,8 @@ docs/methods.md lives here with its default (the dataclasses in
 needs and documents why.
 
 Config arguments (`--config=configs/x.py:arg`), the same for every recipe:
-  variant=3b|7b   the checkpoint's size (shapes, batch sizes).
+  variant=SIZE    the checkpoint's size (shapes, batch sizes): 3b|7b for
+                  the qwen2_5_vl_* recipes, 4b|8b for the qwen3_vl_* ones.
   hf_dir=DIR      a local Hugging Face folder to start from.
   data=FILE       training JSONL (default: the synthetic task);
   eval_data=FILE  held-out JSONL.
@@ -24,6 +25,24 @@ import ml_collections
 RECIPE_ARGS = dict(
     variant="7b", hf_dir="", data="", eval_data="", demo=False, runlocal=False
 )
+QWEN3_RECIPE_ARGS = dict(RECIPE_ARGS, variant="8b")
+
+# Per model family: its sizes; the side of one merged visual token (px);
+# the patch-slot buckets (Qwen2.5-VL's window layout pads a near-square
+# image's 1,280 tokens to 80-81 windows of 64 patches, 5,120-5,184 slots;
+# Qwen3-VL has no windows: 1,280 tokens are 5,120 patches).
+FAMILIES = {
+    "qwen2_5_vl": dict(
+        variants=("3b", "7b"),
+        token_px=28,
+        patch_buckets=(1024, 2048, 4096, 6144),
+    ),
+    "qwen3_vl": dict(
+        variants=("4b", "8b"),
+        token_px=32,
+        patch_buckets=(1024, 2048, 4096, 5120),
+    ),
+}
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -207,8 +226,9 @@ def set_algorithm(c, algorithm: str):
   return c
 
 
-def recipe(arg, algorithm: str, stages=("rl",)):
-  """The base of a recipe file: the demo, or the real 3B / 7B recipe.
+def recipe(arg, algorithm: str, stages=("rl",), family="qwen2_5_vl"):
+  """The base of a recipe file: the demo, or the real recipe of `family`
+  (a key of `FAMILIES`) at `arg.variant`.
 
   `arg` as `parse_arg(arg, **RECIPE_ARGS)` makes it. The file then sets its
   method's switches and returns `sized(c, arg)`.
@@ -223,7 +243,7 @@ def recipe(arg, algorithm: str, stages=("rl",)):
   c = base_config()
   set_algorithm(c, algorithm)
   c.stages = tuple(stages)
-  return qwen2_5_vl_real(c, arg)
+  return real_checkpoint(c, arg, family)
 
 
 def sized(c, arg):
@@ -241,16 +261,20 @@ def sized(c, arg):
   return runlocal(c)
 
 
-def qwen2_5_vl_real(c, arg):
-  """Settings shared by the real-checkpoint recipes (3B / 7B).
+def real_checkpoint(c, arg, family: str):
+  """Settings shared by the real-checkpoint recipes of both families.
 
-  `arg`: variant=3b|7b, hf_dir=<local HF folder>, data=<train.jsonl>,
-  eval_data=<eval.jsonl>; without data, the synthetic task at 112-224 px.
+  `arg`: variant (`FAMILIES[family]["variants"]`), hf_dir=<local HF
+  folder>, data=<train.jsonl>, eval_data=<eval.jsonl>; without data, the
+  synthetic task at 112-224 px.
   """
-  if arg.variant not in ("3b", "7b"):
-    raise ValueError(f"variant must be 3b or 7b, not {arg.variant!r}")
+  fam = FAMILIES[family]
+  if arg.variant not in fam["variants"]:
+    raise ValueError(
+        f"variant must be {' or '.join(fam['variants'])}, not {arg.variant!r}"
+    )
   c.model.init = "hf"
-  c.model.arch = f"qwen2_5_vl_{arg.variant}"
+  c.model.arch = f"{family}_{arg.variant}"
   c.model.hf_dir = arg.hf_dir
   c.model.dtype = "bfloat16"
   c.data.name = "jsonl_vqa/user" if arg.data else "evidence_vqa/mixed_sizes"
@@ -260,13 +284,11 @@ def qwen2_5_vl_real(c, arg):
       c.data.jsonl["validation"] = arg.eval_data
       c.data.jsonl["test"] = arg.eval_data
   c.data.prompt_buckets = (512, 1024, 2048)
-  # Patch slots of the window-padded vision layout: 1,280 visual tokens of
-  # a near-square image take 80-81 windows of 64 patches (5,120-5,184).
-  c.data.patch_buckets = (1024, 2048, 4096, 6144)
+  c.data.patch_buckets = fam["patch_buckets"]
   c.data.response_buckets = (256, 512, 1024)
-  c.data.processor.max_pixels = 1280 * 28 * 28
+  c.data.processor.max_pixels = 1280 * fam["token_px"] ** 2  # 1,280 tokens
   c.model.remat = "full"  # benchmarks/memory.py: what makes the recipes fit
-  c.rl.num_prompts = 512 if arg.variant == "7b" else 256
+  c.rl.num_prompts = 256 if arg.variant == "3b" else 512
   c.rl.gen_prompts = 3 * c.rl.num_prompts
   c.rl.max_rounds = 10
   c.rl.num_samples = 16
@@ -276,7 +298,7 @@ def qwen2_5_vl_real(c, arg):
   # headroom: 16 (7B) / 32 (3B) rows and 256 sequences per device. The
   # forward-only analysis takes micro-batches too; SFT rows (whole prompt +
   # response sequences) one per device.
-  c.rl.micro_batch = 128 if arg.variant == "7b" else 256
+  c.rl.micro_batch = 256 if arg.variant == "3b" else 128
   c.rl.analysis_chunk = c.rl.micro_batch
   c.rl.rollout_chunk = 2048
   c.sft.micro_batch = 8
@@ -291,6 +313,47 @@ def qwen2_5_vl_real(c, arg):
       every=25, num_examples=512, batch_size=64, final_examples=0, sampled=0
   )
   c.ckpt = dict(every=25, keep=3, async_save=True)
+  return c
+
+
+def ease(c, arg):
+  """EASE's switches (docs/methods.md 3) on a DAPO recipe: KL(target ||
+  attention) at layer floor(2L/3) over K = 64 response rows, gated at
+  reward >= tau = 0.5, weight lambda_attn = 0.001; EASE's runs clip at
+  0.2 / 0.3."""
+  if not arg.demo:
+    c.rl.clip_high = 0.3
+  c.rl.ease.enabled = True
+  c.rl.ease.weight = 0.001
+  c.rl.ease.tau = 0.5
+  c.rl.ease.num_queries = 64
+  c.rl.ease.layers = ()  # () is floor(2L/3)
+  return c
+
+
+def ease_paper(c, arg):
+  """EASE's published Qwen3-VL-4B/8B runs, its DAPO baseline and EASE
+  alike: lr 1e-6, rollout batch 512 prompts x n = 5, max response 1,024,
+  clip 0.2 / 0.3, no KL, greedy evaluation, 2 epochs of its ~128K
+  box-annotated questions (2 x 128K / 512 = 500 steps; set rl.steps for
+  other data). Micro-batch and rollout chunk: `benchmarks/memory.py`
+  (8 x 80 GiB, fsdp=8, >= 15% headroom)."""
+  if arg.demo:
+    return c
+  c.rl.num_prompts = 512
+  c.rl.gen_prompts = 3 * c.rl.num_prompts  # dynamic sampling's draws
+  c.rl.num_samples = 5
+  c.rl.clip_low, c.rl.clip_high = 0.2, 0.3
+  c.rl.kl_beta = 0.0
+  c.rl.sampling.max_new_tokens = 1024
+  c.rl.optim.lr = 1e-6
+  c.rl.steps = 500
+  c.eval.sampled = 0  # greedy accuracy only
+  # 512 x 5 / 16 minibatches = 160 rows each, in micro-batches of 80
+  # (10 per device); 640 sequences (80 per device) per sampling call.
+  c.rl.micro_batch = 80
+  c.rl.analysis_chunk = 80
+  c.rl.rollout_chunk = 640
   return c
 
 

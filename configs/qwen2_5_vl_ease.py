@@ -26,11 +26,5 @@ from configs import common
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, **common.RECIPE_ARGS)
-  c = common.recipe(arg, "dapo")
-  if not arg.demo:
-    c.rl.clip_high = 0.3  # EASE's runs
-  c.rl.ease.enabled = True
-  c.rl.ease.weight = 0.001
-  c.rl.ease.tau = 0.5
-  c.rl.ease.num_queries = 64
+  c = common.ease(common.recipe(arg, "dapo"), arg)
   return common.sized(c, arg)

@@ -21,17 +21,7 @@ def processor():
 def hf_processor(processor):
   from transformers import Qwen2_5_VLProcessor  # pylint: disable=g-import-not-at-top
 
-  class ImageOnly(Qwen2_5_VLProcessor):
-    # The video processor needs torchvision, which is not installed.
-    @classmethod
-    def get_attributes(cls):
-      return ["image_processor", "tokenizer"]
-
-  return ImageOnly(
-      image_processor=processor.image_processor,
-      tokenizer=processor.tokenizer,
-      chat_template=processor.tokenizer.chat_template,
-  )
+  return helpers.image_only(Qwen2_5_VLProcessor, processor)
 
 
 def png(pixels) -> bytes:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+
 import numpy as np
 
 from faithful_rl.data.processing import Example
-
+from faithful_rl.models.config import QWEN3_TEXT
 from faithful_rl.models.config import ModelConfig
+from faithful_rl.models.config import Qwen3VisionConfig
 from faithful_rl.models.config import TextConfig
 from faithful_rl.models.config import VisionConfig
 
@@ -47,6 +52,25 @@ def tiny_config(*, tied: bool = False, window: bool = True) -> ModelConfig:
       eos_token_id=2,
       pad_token_id=PAD,
   )
+
+
+def tiny_qwen3_config(*, tied: bool = False) -> ModelConfig:
+  """Qwen3-VL: 3 decoder layers (DeepStack feeds 0 and 1, not 2), head_dim
+  32 != 64 / 4, a 6 x 6 position table (grids above and below it)."""
+  base = tiny_config(tied=tied)
+  text = base.text.replace(
+      head_dim=32, rope_theta=5e6, mrope_section=(6, 5, 5), **QWEN3_TEXT
+  )
+  vision = Qwen3VisionConfig(
+      depth=4,
+      hidden_size=32,
+      intermediate_size=48,
+      num_heads=2,
+      out_hidden_size=64,
+      num_position_embeddings=36,
+      deepstack_visual_indexes=(0, 2),
+  )
+  return base.replace(family="qwen3_vl", text=text, vision=vision)
 
 
 def image_tokens(grid, merge: int = 2) -> list[int]:
@@ -105,3 +129,96 @@ def example(rng, name, grids, n_before, n_after, **fields) -> Example:
   )
   values.update(fields)
   return Example(**values)
+
+
+# Qwen3-VL's image processor settings (its preprocessor_config.json): 16-px
+# patches merged 2 x 2 into 32-px tokens, mean = std = 0.5; min/max pixels
+# set small for CPU-sized images.
+QWEN3_PREPROCESSOR = dict(
+    image_processor_type="Qwen2VLImageProcessorFast",
+    processor_class="Qwen3VLProcessor",
+    do_convert_rgb=True,
+    do_normalize=True,
+    do_rescale=True,
+    do_resize=True,
+    image_mean=[0.5, 0.5, 0.5],
+    image_std=[0.5, 0.5, 0.5],
+    merge_size=2,
+    patch_size=16,
+    temporal_patch_size=2,
+    resample=3,
+    rescale_factor=1 / 255,
+    size=dict(shortest_edge=64 * 64, longest_edge=256 * 256),
+)
+
+# The shape of Qwen3-VL's chat template: a system turn only when the
+# messages start with one (no default system message).
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for content in message['content'] %}"
+    "{%- if content['type'] == 'image' or 'image' in content %}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in content %}{{- content['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- endif %}"
+)
+
+
+def write_qwen3_folder(path: str, seed: int = 0) -> ModelConfig:
+  """A tiny Qwen3-VL checkpoint folder as transformers writes it, with the
+  demo tokenizer, Qwen3-VL's image processor settings and chat template."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers import Qwen3VLForConditionalGeneration  # pylint: disable=g-import-not-at-top
+
+  from faithful_rl.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+
+  demo = tok_lib.demo_tokenizer_dir()
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(os.path.join(demo, name), os.path.join(path, name))
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+
+  tok = AutoTokenizer.from_pretrained(path)
+  tok.chat_template = QWEN3_CHAT_TEMPLATE
+  tok.save_pretrained(path)
+  with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+    json.dump(QWEN3_PREPROCESSOR, f, indent=2)
+  ids = tok_lib.special_token_ids(tok).model_config_kwargs()
+  config = tiny_qwen3_config().replace(**ids).replace_text(vocab_size=448)
+  torch.manual_seed(seed)
+  Qwen3VLForConditionalGeneration(config.to_hf()).save_pretrained(path)
+  return config
+
+
+def image_only(processor_cls, processor):
+  """transformers' `processor_cls` over our processor's tokenizer and image
+  processor, without its video processor (that needs torchvision)."""
+
+  class ImageOnly(processor_cls):
+
+    @classmethod
+    def get_attributes(cls):
+      return ["image_processor", "tokenizer"]
+
+  return ImageOnly(
+      image_processor=processor.image_processor,
+      tokenizer=processor.tokenizer,
+      chat_template=processor.tokenizer.chat_template,
+  )
+
+
+def final_params(workdir):
+  """The last checkpoint's parameters, as host arrays by path."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  with ocp.CheckpointManager(ckpt_dir) as mngr:
+    step = mngr.latest_step()
+    restored = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    )
+  leaves = jax.tree_util.tree_leaves_with_path(restored["state"]["params"])
+  return step, {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 import pytest
 
+import helpers
+
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,20 +53,6 @@ def _run(workdir, *extra, env=None, check=True):
   return proc
 
 
-def _final_params(workdir):
-  """The last checkpoint's parameters, as host arrays by path."""
-  import orbax.checkpoint as ocp
-
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  with ocp.CheckpointManager(ckpt_dir) as mngr:
-    step = mngr.latest_step()
-    restored = mngr.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-    )
-  leaves = jax.tree_util.tree_leaves_with_path(restored["state"]["params"])
-  return step, {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
   """An uninterrupted runlocal run (SFT 4 steps + RL 2 steps)."""
@@ -86,7 +74,7 @@ def test_runlocal_end_to_end(finished):
   assert rl_rows and all(np.isfinite(r["loss"]) for r in rl_rows)
   assert os.path.exists(os.path.join(workdir, "curves.png"))
   assert os.listdir(os.path.join(workdir, "tensorboard"))
-  step, params = _final_params(workdir)
+  step, params = helpers.final_params(workdir)
   assert step == 6 and params
 
 
@@ -101,8 +89,8 @@ def test_sigkill_and_resume_is_bitwise_identical(finished, tmp_path):
   assert max(r["step"] for r in rows) == 5  # logged, then killed
   resumed = _run(workdir)
   assert "[resume]" in resumed.stdout and "step 4" in resumed.stdout
-  step, params = _final_params(workdir)
-  ref_step, ref = _final_params(ref_dir)
+  step, params = helpers.final_params(workdir)
+  ref_step, ref = helpers.final_params(ref_dir)
   assert step == ref_step == 6
   assert params.keys() == ref.keys()
   for k in ref:
@@ -128,8 +116,8 @@ def test_crash_while_writing_a_checkpoint(finished, tmp_path):
   ckpts.close()
   resumed = _run(workdir)
   assert "step 2" in resumed.stdout
-  _, params = _final_params(workdir)
-  _, ref = _final_params(ref_dir)
+  _, params = helpers.final_params(workdir)
+  _, ref = helpers.final_params(ref_dir)
   for k in ref:
     np.testing.assert_array_equal(params[k], ref[k], err_msg=k)
 
@@ -205,8 +193,8 @@ def test_sigterm_finishes_the_step_saves_and_resumes_bitwise(
   assert not os.path.exists(os.path.join(workdir, "results.json"))
   resumed = _run(workdir)
   assert "[resume]" in resumed.stdout and "step 5" in resumed.stdout
-  step, params = _final_params(workdir)
-  ref_step, ref = _final_params(ref_dir)
+  step, params = helpers.final_params(workdir)
+  ref_step, ref = helpers.final_params(ref_dir)
   assert step == ref_step == 6
   for k in ref:
     np.testing.assert_array_equal(params[k], ref[k], err_msg=k)

@@ -1,4 +1,4 @@
-"""Qwen-VL models in Flax NNX, loading and saving HF checkpoints.
+"""Qwen-VL models (Qwen2.5-VL, Qwen3-VL) in Flax NNX, with HF checkpoints.
 
 model = models.from_pretrained(hf_dir, dtype=jnp.bfloat16)
 out = model(input_ids, attention_mask=..., pixel_values=...,
@@ -8,6 +8,7 @@ models.save_pretrained(model, out_dir)
 
 from faithful_rl.models.config import CheckpointError
 from faithful_rl.models.config import ModelConfig
+from faithful_rl.models.config import Qwen3VisionConfig
 from faithful_rl.models.config import TextConfig
 from faithful_rl.models.config import VisionConfig
 from faithful_rl.models.config import read_config
@@ -24,13 +25,15 @@ from faithful_rl.models.qwen2_5_vl import KVCache
 from faithful_rl.models.qwen2_5_vl import ModelOutput
 from faithful_rl.models.qwen2_5_vl import Qwen2_5_VL
 from faithful_rl.models.qwen2_5_vl import visual_token_positions
+from faithful_rl.models.qwen3_vl import Qwen3_VL
+from faithful_rl.models.vlm import VisionLanguageModel
 
 
 def create(config: ModelConfig, *, dtype=None, seed: int = 0, **options):
   """A randomly initialised model of `config.family`.
 
   `options`: `param_dtype` (default `dtype`), `remat`, `attention`,
-  `scan_layers` (see `Qwen2_5_VL`).
+  `scan_layers` (see `VisionLanguageModel`).
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top

@@ -1,12 +1,13 @@
 """Hugging Face checkpoints <-> Flax NNX parameters, tensor by tensor.
 
-The mapping is a pure function of the parameter path: HF `Linear` weights
-are [out, in] and ours [in, out]; the patch Conv3d (stride = kernel) is a
-linear map of the flattened (channel, time, row, col) patch; norms, biases
-and the embedding are copied. Both HF key layouts are read: the published
-one (`model.layers.*`, `visual.*`) and `transformers>=5`' in-memory one
-(`model.language_model.*`, `model.visual.*`); we write the published one,
-which is also what `transformers` writes.
+The mapping is a pure function of the family and the parameter path: HF
+`Linear` weights are [out, in] and ours [in, out]; the patch Conv3d
+(stride = kernel) is a linear map of the flattened (channel, time, row,
+col) patch; norms, biases and embeddings are copied. Both HF key layouts
+are read: the flat one (`model.layers.*`, `visual.*`) and the nested one
+(`model.language_model.*`, `model.visual.*`). We write each family's
+published layout, which is also what `transformers` writes: flat for
+Qwen2.5-VL, nested for Qwen3-VL.
 
 Loading never holds two copies of the model: the abstract model comes from
 `nnx.eval_shape`, then each tensor is read from a memory-mapped shard,
@@ -37,6 +38,7 @@ from faithful_rl.models.config import CheckpointError
 from faithful_rl.models.config import ModelConfig
 from faithful_rl.models.config import read_config
 from faithful_rl.models.qwen2_5_vl import Qwen2_5_VL
+from faithful_rl.models.qwen3_vl import Qwen3_VL
 
 Path = tuple[Any, ...]
 ShardingFn = Callable[[Path, tuple[int, ...]], Any]
@@ -57,7 +59,7 @@ AUX_FILES = (
     "video_preprocessor_config.json",
 )
 
-MODEL_CLASSES = {"qwen2_5_vl": Qwen2_5_VL}
+MODEL_CLASSES = {"qwen2_5_vl": Qwen2_5_VL, "qwen3_vl": Qwen3_VL}
 
 
 def model_class(config: ModelConfig):
@@ -70,7 +72,25 @@ def model_class(config: ModelConfig):
 
 # Stacked modules: their parameters carry a leading layer axis; HF stores
 # one tensor per layer, numbered after this path component.
-STACKED = {("language_model", "layers"), ("visual", "blocks")}
+STACKED = {
+    ("language_model", "layers"),
+    ("visual", "blocks"),
+    ("visual", "deepstack_merger_list"),
+}
+
+# Our top-level module -> its HF prefix, per family (the published layout).
+ROOTS = {
+    "qwen2_5_vl": {
+        "visual": "visual",
+        "language_model": "model",
+        "lm_head": "lm_head",
+    },
+    "qwen3_vl": {
+        "visual": "model.visual",
+        "language_model": "model.language_model",
+        "lm_head": "lm_head",
+    },
+}
 
 
 def stacked_axis(path: Path) -> int | None:
@@ -82,7 +102,9 @@ def stacked_axis(path: Path) -> int | None:
   return None
 
 
-def hf_name(path: Path, layer: int | None = None) -> str:
+def hf_name(
+    path: Path, layer: int | None = None, family: str = "qwen2_5_vl"
+) -> str:
   """Our parameter path (+ its layer, if stacked) -> the published name."""
   parts = [str(p) for p in path]
   at = stacked_axis(path)
@@ -90,29 +112,31 @@ def hf_name(path: Path, layer: int | None = None) -> str:
     if layer is None:
       raise ValueError(f"{'/'.join(parts)} is stacked: name a layer")
     parts.insert(at, str(layer))
-  root = {"visual": "visual", "language_model": "model", "lm_head": "lm_head"}
-  parts[0] = root[parts[0]]
-  if parts[-2:] == ["patch_embed", "kernel"]:
-    parts[-1] = "proj.weight"
+  parts[0] = ROOTS[family][parts[0]]
+  if parts[-2] == "patch_embed":
+    parts[-1] = "proj." + ("bias" if parts[-1] == "bias" else "weight")
   elif parts[-1] in ("kernel", "embedding"):
     parts[-1] = "weight"
   parts = [re.sub(r"^mlp_(\d+)$", r"mlp.\1", p) for p in parts]
   return ".".join(parts)
 
 
-def hf_names(path: Path, shape: tuple[int, ...]) -> list[str]:
+def hf_names(
+    path: Path, shape: tuple[int, ...], family: str = "qwen2_5_vl"
+) -> list[str]:
   """Every HF tensor name of one of our parameters (one per layer)."""
   if stacked_axis(path) is None:
-    return [hf_name(path)]
-  return [hf_name(path, i) for i in range(shape[0])]
+    return [hf_name(path, family=family)]
+  return [hf_name(path, i, family) for i in range(shape[0])]
 
 
-def normalize_hf_name(name: str) -> str:
-  """Any HF layout -> the published layout."""
-  if name.startswith("model.language_model."):
-    return "model." + name[len("model.language_model.") :]
-  if name.startswith("model.visual."):
-    return name[len("model.") :]
+def normalize_hf_name(name: str, family: str = "qwen2_5_vl") -> str:
+  """Either HF layout -> the family's published layout."""
+  for prefix in ("model.language_model.", "model.visual.", "model.", "visual."):
+    if name.startswith(prefix):
+      rest = name[len(prefix) :]
+      module = "visual" if "visual" in prefix else "language_model"
+      return f"{ROOTS[family][module]}.{rest}"
   return name
 
 
@@ -277,7 +301,7 @@ def from_pretrained(
   flat = dict(nnx.to_flat_state(state))
   expected = {}
   for path, var in flat.items():
-    for name in hf_names(path, var.shape):
+    for name in hf_names(path, var.shape, config.family):
       expected[name] = path
   tied = config.text.tie_word_embeddings
   tensors = _Tensors(hf_dir)
@@ -287,7 +311,7 @@ def from_pretrained(
       f = tensors.file(fname)
       fpath = os.path.join(hf_dir, fname)
       for raw in f.keys():
-        name = normalize_hf_name(raw)
+        name = normalize_hf_name(raw, config.family)
         if name not in expected:
           if tied and name == "lm_head.weight":
             continue  # the tied head is the embedding
@@ -313,15 +337,17 @@ def from_pretrained(
           f" {', '.join(missing[:5])}"
       )
     for path, var in flat.items():
-      var.value = _load_param(tensors, path, var, sharding)
+      var.value = _load_param(tensors, path, var, sharding, config.family)
   finally:
     tensors.close()
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def _load_param(tensors: _Tensors, path: Path, var, sharding) -> jax.Array:
+def _load_param(
+    tensors: _Tensors, path: Path, var, sharding, family: str
+) -> jax.Array:
   """One parameter, each device's slice read from the checkpoint."""
-  names = hf_names(path, var.shape)
+  names = hf_names(path, var.shape, family)
   stacked = stacked_axis(path) is not None
   dtype = var.dtype
 
@@ -379,7 +405,7 @@ def save_pretrained(
     stacked = stacked_axis(path) is not None
     per = var.shape[1:] if stacked else var.shape
     nbytes = int(np.prod(per)) * np.dtype(dtype or var.dtype).itemsize
-    for i, name in enumerate(hf_names(path, var.shape)):
+    for i, name in enumerate(hf_names(path, var.shape, config.family)):
       items.append((name, path, i if stacked else None, var, nbytes))
   shards, current, size = [], [], 0
   for item in items:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -74,6 +75,40 @@ class RMSNorm(nnx.Module):
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     normed = (x32 * jax.lax.rsqrt(var + self.eps)).astype(in_dtype)
     return self.weight[...].astype(in_dtype) * normed
+
+
+class LayerNorm(nnx.Module):
+  """torch's LayerNorm (weight and bias): statistics and affine in float32."""
+
+  def __init__(self, dim: int, *, eps: float, dtype, param_dtype=None):
+    param_dtype = param_dtype or dtype
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    w = self.weight[...].astype(x.dtype).astype(jnp.float32)
+    b = self.bias[...].astype(x.dtype).astype(jnp.float32)
+    return (y * w + b).astype(x.dtype)
+
+
+class MLP(nnx.Module):
+  """linear_fc2(act(linear_fc1(x))), both with biases (Qwen3-VL's ViT)."""
+
+  def __init__(
+      self, dim: int, hidden: int, *, act: str, dtype, param_dtype=None, rngs
+  ):
+    kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.linear_fc1 = linear(dim, hidden, **kw)
+    self.linear_fc2 = linear(hidden, dim, **kw)
+    self.act = activation(act)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.linear_fc2(self.act(self.linear_fc1(x)))
 
 
 class GatedMLP(nnx.Module):
@@ -231,6 +266,29 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return x * cos + rotate_half(x) * sin
 
 
+def mrope_axes(head_dim: int, section: tuple[int, ...], interleaved: bool):
+  """Which position axis (0 T, 1 H, 2 W) drives each of the d/2 frequencies.
+
+  Chunked (Qwen2.5-VL): `section[0]` frequencies from T, then `section[1]`
+  from H, then `section[2]` from W, cycling. Interleaved (Qwen3-VL), as
+  `transformers`' slicing: T everywhere, then H at 1, 4, ... below
+  3 * section[1] and W at 2, 5, ... below 3 * section[2] (THWTHW...T).
+  """
+  half = head_dim // 2
+  if not interleaved:
+    if sum(section) != half:
+      raise ValueError(f"mrope_section {section} must sum to head_dim/2")
+    return np.concatenate(
+        [np.full(n, i % 3) for i, n in enumerate(section)]
+    ).astype(np.int32)
+  if len(section) != 3:
+    raise ValueError(f"interleaved mrope_section {section} needs 3 entries")
+  axes = np.zeros(half, np.int32)
+  axes[1 : 3 * section[1] : 3] = 1
+  axes[2 : 3 * section[2] : 3] = 2
+  return axes
+
+
 def mrope_cos_sin(
     position_ids: jax.Array,
     *,
@@ -238,6 +296,7 @@ def mrope_cos_sin(
     theta: float,
     section: tuple[int, ...],
     dtype,
+    interleaved: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """Multimodal RoPE tables.
 
@@ -245,22 +304,19 @@ def mrope_cos_sin(
     position_ids: int[3, B, T], (temporal, row, column) positions.
     head_dim: d.
     theta: rope base.
-    section: frequencies taken from each of the 3 axes, cycling (sum d/2).
+    section: frequencies taken from each axis (see `mrope_axes`).
     dtype: output dtype (HF casts the tables to the activation dtype).
+    interleaved: Qwen3-VL's interleaved layout (else chunked).
 
   Returns:
     cos, sin: dtype[B, T, d].
   """
-  if sum(section) != head_dim // 2:
-    raise ValueError(f"mrope_section {section} must sum to head_dim/2")
+  axes = mrope_axes(head_dim, section, interleaved)
   inv_freq = 1.0 / (
       theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
   )
   freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq  # [3,B,T,d/2]
-  chunks, start = [], 0
-  for i, n in enumerate(section):
-    chunks.append(freqs[i % 3, ..., start : start + n])
-    start += n
-  freqs = jnp.concatenate(chunks, axis=-1)
+  freqs = jnp.where(axes == 0, freqs[0], jnp.where(axes == 1, freqs[1],
+                                                    freqs[2]))  # fmt: skip
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)

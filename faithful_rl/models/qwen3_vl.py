@@ -1,0 +1,247 @@
+"""Qwen3-VL (dense: 2B, 4B, 8B, 32B) in Flax NNX.
+
+The model is `vlm.VisionLanguageModel` (the shared forward: training,
+rollout with a KV cache, the attention probe) with the Qwen3 decoder
+(`TextConfig` with `qk_norm`, no biases, an explicit head_dim, interleaved
+M-RoPE) and this module's vision tower:
+
+* 16-px patches through a linear map with a bias (HF's Conv3d), plus a
+  learned square position table (48 x 48 published) resized to each
+  frame's patch grid by bilinear interpolation with aligned corners;
+* LayerNorm blocks, full attention over each frame in every block (the
+  patches lie back to back in `inputs.VisionInputs`, no windows), axial
+  2-D RoPE, a non-gated tanh-GELU MLP;
+* a 2x2 merger (LayerNorm over each patch, MLP over the 4 concatenated)
+  giving the visual tokens, and DeepStack mergers (LayerNorm over the 4
+  concatenated) applied to the outputs of blocks `deepstack_visual_indexes`:
+  their features are added to the visual positions after the first decoder
+  layers (`vlm.VisionLanguageModel.decode`).
+
+Axis alphabet: B batch, P patch slots, D width, V merged visual tokens,
+N DeepStack levels.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from faithful_rl.models import layers
+from faithful_rl.models.config import Qwen3VisionConfig
+from faithful_rl.models.inputs import VisionInputs
+from faithful_rl.models.vision import VisionAttention
+from faithful_rl.models.vision import vision_cos_sin
+from faithful_rl.models.vlm import VisionLanguageModel
+
+
+def position_taps(
+    rot_pos: jax.Array, patch_seg: jax.Array, side: int
+) -> tuple[jax.Array, jax.Array]:
+  """Bilinear taps of the learned position table for every patch slot.
+
+  As `transformers`' `get_vision_interpolation_indices_and_weights`
+  (bilinear, align_corners=True): a patch at row r of a frame h patches
+  high samples table row src = r * (side - 1) / max(h - 1, 1) from rows
+  floor(src) and floor(src) + 1 (clamped), weighted 1 - |src - row|; the
+  same for columns. A frame's size is read off its slots' largest
+  (row, col), so the layout needs no further input.
+
+  Args:
+    rot_pos: int[B, P, 2], (row, col) of each slot's patch.
+    patch_seg: int[B, P], each slot's frame (-1: padding).
+    side: side of the square table.
+
+  Returns:
+    indices int32[B, P, 4] into the flattened table, weights float32[B, P,
+    4].
+  """
+  p = patch_seg.shape[1]
+  frame = jnp.where(patch_seg >= 0, patch_seg, p)  # padding: its own frame
+
+  def sizes(pos, seg):
+    return jax.ops.segment_max(pos, seg, num_segments=p + 1)[seg] + 1
+
+  size = jax.vmap(sizes)(rot_pos, frame)  # [B, P, 2]: (h, w) of the frame
+  index = rot_pos.astype(jnp.float32)
+  src = index * (side - 1) / jnp.maximum(size - 1, 1).astype(jnp.float32)
+  floor = jnp.floor(src)
+  offsets = jnp.arange(2, dtype=jnp.float32)
+  taps = jnp.clip(floor[..., None] + offsets, 0, side - 1).astype(jnp.int32)
+  weights = jnp.maximum(
+      1 - jnp.abs(src[..., None] - floor[..., None] - offsets), 0
+  )  # [B, P, 2 axes, 2 taps]
+  idx = taps[..., 0, :, None] * side + taps[..., 1, None, :]
+  w = weights[..., 0, :, None] * weights[..., 1, None, :]
+  b = rot_pos.shape[0]
+  return idx.reshape(b, p, 4), w.reshape(b, p, 4)
+
+
+class VisionBlock(nnx.Module):
+  """LayerNorm -> attention -> LayerNorm -> MLP, both residual."""
+
+  def __init__(self, cfg: Qwen3VisionConfig, *, dtype, param_dtype, rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.norm1 = layers.LayerNorm(cfg.hidden_size, eps=1e-6, **kw)
+    self.norm2 = layers.LayerNorm(cfg.hidden_size, eps=1e-6, **kw)
+    self.attn = VisionAttention(cfg, rngs=rngs, **kw)
+    self.mlp = layers.MLP(
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        act=cfg.hidden_act,
+        rngs=rngs,
+        **kw,
+    )
+
+  def __call__(self, x, cos, sin, seg, impl):
+    x = x + self.attn(self.norm1(x), cos, sin, seg, None, impl)
+    return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+  """Each 2x2 patch group -> one token: LayerNorm, concatenate, 2-layer MLP.
+
+  `postshuffle` (the DeepStack mergers) normalises the concatenated group
+  instead of each patch.
+  """
+
+  def __init__(
+      self, cfg: Qwen3VisionConfig, *, postshuffle, dtype, param_dtype, rngs
+  ):
+    unit = cfg.merge_unit
+    ctx = cfg.hidden_size * unit
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.norm = layers.LayerNorm(
+        ctx if postshuffle else cfg.hidden_size, eps=1e-6, **kw
+    )
+    self.linear_fc1 = layers.linear(ctx, ctx, bias=True, rngs=rngs, **kw)
+    self.linear_fc2 = layers.linear(
+        ctx, cfg.out_hidden_size, bias=True, rngs=rngs, **kw
+    )
+    self.unit = unit
+    self.postshuffle = postshuffle
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, p, dim = x.shape
+    if not self.postshuffle:
+      x = self.norm(x)
+    x = x.reshape(b, p // self.unit, self.unit * dim)
+    if self.postshuffle:
+      x = self.norm(x)
+    return self.linear_fc2(jax.nn.gelu(self.linear_fc1(x), approximate=False))
+
+
+class VisionTower(nnx.Module):
+  """Patches -> (visual tokens [B, V, D], DeepStack features [N, B, V, D])."""
+
+  def __init__(
+      self,
+      cfg: Qwen3VisionConfig,
+      *,
+      dtype,
+      param_dtype=None,
+      remat: str = "none",
+      attention: str = "auto",
+      scan_layers: bool = True,
+      rngs: nnx.Rngs,
+  ):
+    param_dtype = param_dtype or dtype
+    self.cfg = cfg
+    self.dtype = dtype
+    self.remat = remat
+    self.attention = attention
+    self.scan_layers = scan_layers
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.patch_embed = layers.linear(
+        cfg.patch_dim, cfg.hidden_size, bias=True, rngs=rngs, **kw
+    )
+    self.pos_embed = nnx.Embed(
+        cfg.num_position_embeddings,
+        cfg.hidden_size,
+        embedding_init=nnx.initializers.normal(0.02),
+        rngs=rngs,
+        **kw,
+    )
+    self.blocks = layers.stacked(
+        cfg.depth, lambda r: VisionBlock(cfg, rngs=r, **kw), rngs
+    )
+    self.merger = PatchMerger(cfg, postshuffle=False, rngs=rngs, **kw)
+    self.deepstack_merger_list = (
+        layers.stacked(
+            len(cfg.deepstack_visual_indexes),
+            lambda r: PatchMerger(cfg, postshuffle=True, rngs=r, **kw),
+            rngs,
+        )
+        if cfg.deepstack_visual_indexes
+        else None
+    )
+
+  def position_embeddings(self, vis: VisionInputs) -> jax.Array:
+    """The resized position table at every slot: [B, P, D] (float32 sums,
+    as `transformers`, cast to the compute dtype)."""
+    idx, w = position_taps(vis.rot_pos, vis.patch_seg, self.cfg.position_side)
+    table = self.pos_embed.embedding[...].astype(self.dtype)
+    rows = jnp.take(table, idx, axis=0).astype(jnp.float32)  # [B, P, 4, D]
+    return jnp.einsum("bpkd,bpk->bpd", rows, w).astype(self.dtype)
+
+  def __call__(self, vis: VisionInputs):
+    cfg = self.cfg
+    pix = jnp.take_along_axis(
+        vis.pixel_values, vis.patch_index[..., None], axis=1
+    )
+    x = self.patch_embed(pix.astype(self.dtype))
+    x = x + self.position_embeddings(vis)
+    cos, sin = vision_cos_sin(vis.rot_pos, cfg.head_dim, cfg.rope_theta)
+    seg = vis.patch_seg
+
+    def run(block, x, i, xs):
+      del i, xs
+      x = layers.shard_batch(x)
+      return block(x, cos, sin, seg, self.attention), None
+
+    # HF: the k-th feature (by block) comes from merger indexes.index(block).
+    indexes = list(cfg.deepstack_visual_indexes)
+    taps = sorted(set(indexes))
+    features, start = [], 0
+    for stop in [i + 1 for i in taps] + [cfg.depth]:
+      x, _ = layers.run_stack(
+          self.blocks,
+          run,
+          x,
+          start=start,
+          stop=stop,
+          remat=self.remat,
+          scan=self.scan_layers,
+      )
+      start = stop
+      if len(features) < len(taps):
+        merger = layers.layer_slice(
+            self.deepstack_merger_list, indexes.index(stop - 1)
+        )
+        features.append(merger(x))
+    restore = lambda t: jnp.take_along_axis(
+        t, vis.merge_restore[..., None], axis=1
+    )
+    tokens = restore(self.merger(x))
+    if not features:
+      return tokens, None
+    return tokens, jnp.stack([restore(f) for f in features])
+
+
+class Qwen3_VL(VisionLanguageModel):  # pylint: disable=invalid-name
+  """Qwen3-VL for conditional generation (arguments: `VisionLanguageModel`)."""
+
+  def make_visual(self, vcfg, *, dtype, param_dtype, rngs):
+    return VisionTower(
+        vcfg,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        remat=self.remat,
+        attention=self.attention,
+        scan_layers=self.scan_layers,
+        rngs=rngs,
+    )
+
+  def vision_features(self, vision: VisionInputs):
+    """(visual tokens [B, V, D], DeepStack features [N, B, V, D] or None)."""
+    return self.visual(vision)
