@@ -315,7 +315,7 @@ def collect(
   kept: list[tuple[int, int]] = []
   spare: list[tuple[int, int]] = []
   stats = dict(rounds=0, zero_variance_groups=0, sampled_groups=0)
-  t_sample = t_other = 0.0
+  t_sample = 0.0
   for r in range(max_rounds if dynamic else 1):
     if len(kept) >= num_prompts:
       break
