@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -98,7 +99,9 @@ def evaluate(
 
   With `sampled` = k > 0, each question is also answered k times at
   `temperature` (the policy RL trains), giving "sampled_accuracy", the mean
-  over the k answers (avg@k).
+  over the k answers (avg@k). Greedy and sampled answers go through the
+  same check (`rewards.batch_rewards`, with `boxed_only` for both: with it,
+  only an answer inside `\\boxed{}` counts, as in the RL reward).
 
   Returns:
     {"accuracy", "format", "response_length", "evidence_mass",
@@ -126,6 +129,7 @@ def evaluate(
       stop_tokens=(processor.ids.im_end,),
       pad_token=processor.ids.pad,
   )
+  check = functools.partial(rewards_lib.batch_rewards, boxed_only=boxed_only)
   graphdef, params = nnx.split(model)
   params = nnx.to_pure_dict(params)
   stats = collections.defaultdict(list)
@@ -144,7 +148,7 @@ def evaluate(
     tokens = np.asarray(ro.tokens)
     mask = np.asarray(ro.mask)
     texts = processor.decode_responses(tokens[:n], mask[:n])
-    rw = rewards_lib.batch_rewards(texts, meta["answers"], meta["answer_types"])
+    rw = check(texts, meta["answers"], meta["answer_types"])
     if sampled:
       sc = dataclasses.replace(
           sampling, greedy=False, num_samples=sampled, temperature=temperature
@@ -155,12 +159,7 @@ def evaluate(
           np.asarray(ro_s.mask)[: n * sampled],
       )
       rep = lambda xs: [x for x in xs[:n] for _ in range(sampled)]
-      rw_s = rewards_lib.batch_rewards(
-          texts_s,
-          rep(meta["answers"]),
-          rep(meta["answer_types"]),
-          boxed_only=boxed_only,
-      )
+      rw_s = check(texts_s, rep(meta["answers"]), rep(meta["answer_types"]))
       per_q = rw_s["correct"].reshape(n, sampled).mean(1)
       stats["sampled_accuracy"].extend(per_q.tolist())
     mass, hit, kl = _attention_stats_jit(
