@@ -287,3 +287,16 @@ def test_reference_prior_biases_only_the_training_references():
     ):
       assert a["reference_response"] == b["reference_response"]
       assert a["image"] == b["image"]
+
+
+def test_references_without_reasoning_are_the_boxed_answer():
+  terse = dataclasses.replace(CFG, reference_reasoning=False)
+  for a, b in zip(
+      synthetic.generate(CFG, "train", 7), synthetic.generate(terse, "train", 7)
+  ):
+    assert a["image"] == b["image"] and a["answer"] == b["answer"]
+    assert b["reference_response"] == f"\\boxed{{{a['answer']}}}"
+  biased = dataclasses.replace(terse, reference_prior=1.0)
+  for r in synthetic.generate(biased, "train", 14):
+    usual = synthetic.usual_answer(biased, r["family"], r["question"])
+    assert r["reference_response"] == f"\\boxed{{{usual}}}"

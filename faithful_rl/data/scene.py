@@ -81,7 +81,8 @@ class Scene:
   @property
   def reference_response(self) -> str:
     reasoning, answer = self.demonstration or (self.reasoning, self.answer)
-    return f"{reasoning} \\boxed{{{answer}}}"
+    boxed = f"\\boxed{{{answer}}}"
+    return f"{reasoning} {boxed}" if reasoning else boxed
 
 
 def _draw_digit(draw, box, digit: int, colour) -> None:

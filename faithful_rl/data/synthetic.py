@@ -119,6 +119,9 @@ class SyntheticConfig:
       language prior. The `answer` field, which rewards and evaluation
       check, stays true, and held-out splits keep true references. Works
       with or without `prior`; 0: every reference is right.
+    reference_reasoning: reference responses state a sentence of reasoning
+      before the boxed answer ("The circle is red. \\boxed{red}"); False:
+      the boxed answer alone.
   """
 
   image_sizes: tuple[tuple[int, int], ...] = ((112, 112),)
@@ -130,6 +133,7 @@ class SyntheticConfig:
   prior: float = 0.0
   prior_seed: int = 0
   reference_prior: float = 0.0
+  reference_reasoning: bool = True
 
   def __post_init__(self):
     unknown = set(self.families) - set(FAMILIES)
@@ -632,6 +636,11 @@ def make_scene(
         scene = dataclasses.replace(
             scene, demonstration=(usual.reasoning, usual.answer)
         )
+  if not cfg.reference_reasoning:
+    demo = scene.demonstration
+    scene = dataclasses.replace(
+        scene, reasoning="", demonstration=demo and ("", demo[1])
+    )
   return scene
 
 
