@@ -289,13 +289,21 @@ def test_reference_prior_biases_only_the_training_references():
       assert a["image"] == b["image"]
 
 
-def test_references_without_reasoning_are_the_boxed_answer():
-  terse = dataclasses.replace(CFG, reference_reasoning=False)
-  for a, b in zip(
-      synthetic.generate(CFG, "train", 7), synthetic.generate(terse, "train", 7)
+def test_reference_styles():
+  terse = dataclasses.replace(CFG, reference_style="answer")
+  echo = dataclasses.replace(CFG, reference_style="question")
+  for a, b, c in zip(
+      synthetic.generate(CFG, "train", 7),
+      synthetic.generate(terse, "train", 7),
+      synthetic.generate(echo, "train", 7),
   ):
-    assert a["image"] == b["image"] and a["answer"] == b["answer"]
-    assert b["reference_response"] == f"\\boxed{{{a['answer']}}}"
+    assert a["image"] == b["image"] == c["image"]
+    assert a["answer"] == b["answer"] == c["answer"]
+    boxed = f"\\boxed{{{a['answer']}}}"
+    assert b["reference_response"] == boxed
+    assert c["reference_response"] == f"{a['question']} {boxed}"
+  with pytest.raises(ValueError, match="reference_style"):
+    synthetic.SyntheticConfig(reference_style="essay")
   biased = dataclasses.replace(terse, reference_prior=1.0)
   for r in synthetic.generate(biased, "train", 14):
     usual = synthetic.usual_answer(biased, r["family"], r["question"])

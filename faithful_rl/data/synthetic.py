@@ -91,6 +91,7 @@ SPLITS = {
     "test_counter_prior": 4,
 }
 PRIOR_SPLITS = ("test_in_prior", "test_counter_prior")
+REFERENCE_STYLES = ("reasoning", "question", "answer")
 
 _GAP = 3  # minimum free pixels between two objects
 _MARGIN = 2  # minimum free pixels between an object and the image border
@@ -119,9 +120,11 @@ class SyntheticConfig:
       language prior. The `answer` field, which rewards and evaluation
       check, stays true, and held-out splits keep true references. Works
       with or without `prior`; 0: every reference is right.
-    reference_reasoning: reference responses state a sentence of reasoning
-      before the boxed answer ("The circle is red. \\boxed{red}"); False:
-      the boxed answer alone.
+    reference_style: what a reference response says before its boxed
+      answer: "reasoning", a sentence that states the answer ("The circle
+      is red. \\boxed{red}"); "question", the question again, so that the
+      answer is stated once ("What colour is the circle? \\boxed{red}");
+      "answer", nothing ("\\boxed{red}").
   """
 
   image_sizes: tuple[tuple[int, int], ...] = ((112, 112),)
@@ -133,7 +136,7 @@ class SyntheticConfig:
   prior: float = 0.0
   prior_seed: int = 0
   reference_prior: float = 0.0
-  reference_reasoning: bool = True
+  reference_style: str = "reasoning"
 
   def __post_init__(self):
     unknown = set(self.families) - set(FAMILIES)
@@ -147,6 +150,8 @@ class SyntheticConfig:
     for name in ("prior", "reference_prior"):
       if not 0.0 <= getattr(self, name) <= 1.0:
         raise ValueError(f"{name}={getattr(self, name)} not in [0, 1]")
+    if self.reference_style not in REFERENCE_STYLES:
+      raise ValueError(f"reference_style must be one of {REFERENCE_STYLES}")
     if self.prior and min(map(self.num_answers, self.families)) < 2:
       raise ValueError("a prior needs at least 2 answers in every family")
 
@@ -636,10 +641,11 @@ def make_scene(
         scene = dataclasses.replace(
             scene, demonstration=(usual.reasoning, usual.answer)
         )
-  if not cfg.reference_reasoning:
+  if cfg.reference_style != "reasoning":
+    lead = scene.question if cfg.reference_style == "question" else ""
     demo = scene.demonstration
     scene = dataclasses.replace(
-        scene, reasoning="", demonstration=demo and ("", demo[1])
+        scene, reasoning=lead, demonstration=demo and (lead, demo[1])
     )
   return scene
 
