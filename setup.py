@@ -38,6 +38,7 @@ setuptools.setup(
         "jinja2>=3.1",  # the tokenizer chat templates
     ],
     extras_require={
+        "wandb": ["wandb"],  # metrics to Weights & Biases (optional)
         "test": [
             "pytest>=8",
             "torch==2.13.0",

@@ -1,24 +1,60 @@
 """The base config every experiment starts from, and shared helpers.
 
-Every method switch of ../shared/METHODS.md lives here with its default;
-a config file overrides what it needs and documents why.
+This file is the only source of defaults: every method switch of
+docs/methods.md lives here with its default (the dataclasses in
+`faithful_rl.steps` have none), and a config file overrides what it
+needs and documents why.
+
+Config arguments (`--config=configs/x.py:arg`), the same for every recipe:
+  variant=3b|7b   the checkpoint's size (shapes, batch sizes).
+  hf_dir=DIR      a local Hugging Face folder to start from.
+  data=FILE       training JSONL (default: the synthetic task);
+  eval_data=FILE  held-out JSONL.
+  demo            the demo instead of the real recipe: the tiny model from
+                  scratch on the synthetic task, SFT warm start then this
+                  recipe's method; trains on a CPU in about ten minutes.
+  runlocal        shrinks whatever was chosen (steps, batches, buckets,
+                  data) to run on a CPU in a minute or two. Without hf_dir
+                  the model is the demo's tiny one; with hf_dir it is that
+                  checkpoint.
 """
 
 import ml_collections
 
+RECIPE_ARGS = dict(
+    variant="7b", hf_dir="", data="", eval_data="", demo=False, runlocal=False
+)
+
 
 def parse_arg(arg: str | None, **defaults):
-  """'variant=7b,runlocal' -> ConfigDict(variant='7b', runlocal=True, ...)."""
+  """'variant=7b,runlocal' -> ConfigDict(variant='7b', runlocal=True, ...).
+
+  Every key must be one of `defaults`: a misspelled argument is an error
+  that names it. A bare key sets a boolean to True.
+  """
   out = ml_collections.ConfigDict(defaults)
   for part in (arg or "").split(","):
     if not part:
       continue
-    key, _, value = part.partition("=")
-    if not value:
-      out[key] = True
-    elif isinstance(defaults.get(key), bool):
-      out[key] = value.lower() in ("1", "true", "yes")
-    elif isinstance(defaults.get(key), int):
+    key, eq, value = part.partition("=")
+    if key not in defaults:
+      raise ValueError(
+          f"unknown config argument {key!r} in {arg!r}; this config takes"
+          f" {sorted(defaults)}"
+      )
+    default = defaults[key]
+    if isinstance(default, bool):
+      if not eq:
+        out[key] = True
+      elif value.lower() in ("1", "true", "yes"):
+        out[key] = True
+      elif value.lower() in ("0", "false", "no"):
+        out[key] = False
+      else:
+        raise ValueError(f"config argument {key}={value!r} is not a boolean")
+    elif not eq:
+      raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+    elif isinstance(default, int):
       out[key] = int(value)
     else:
       out[key] = value
@@ -29,14 +65,22 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.mesh = dict(data=1, fsdp=-1, tensor=1)
-  c.distributed = False
+  # Several processes: jax.distributed.initialize(...); empty values are
+  # left to JAX's cluster detection (SLURM, TPU pods, ...).
+  c.distributed = dict(
+      enabled=False, coordinator_address="", num_processes=0, process_id=-1
+  )
 
   # ---- Model: a local HF folder, or a tiny model from scratch. ----
   c.model = ml_collections.ConfigDict()
   c.model.init = "hf"  # 'hf' (from_pretrained) | 'scratch'
   c.model.hf_dir = ""
   c.model.arch = ""  # a name in faithful_rl.models.archs (shapes only)
-  c.model.dtype = "bfloat16"
+  c.model.dtype = "bfloat16"  # compute dtype (activations, matmuls, cache)
+  c.model.param_dtype = "float32"  # parameters and optimizer state
+  c.model.remat = "none"  # none | full | dots: what a layer keeps for bwd
+  c.model.attention = "auto"  # auto|xla|flash|splash|cudnn (docs/models.md)
+  c.model.scan_layers = True  # one scanned layer (False: unrolled loop)
   c.model.scratch = ml_collections.ConfigDict()  # TextConfig/VisionConfig
   c.model.init_from = ""  # a workdir: start from its parameters
   c.model.init_step = -1  # ... of this step (-1: its latest checkpoint)
@@ -73,6 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft = ml_collections.ConfigDict()
   c.sft.steps = 0
   c.sft.batch_size = 64
+  c.sft.micro_batch = 64  # rows per gradient micro-batch (accumulated)
   c.sft.optim = dict(
       lr=1e-5, warmup_steps=10, decay="cosine", weight_decay=0.0,
       grad_clip=1.0, b2=0.999, groups=(),
@@ -84,14 +129,19 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---- RL. ----
   c.rl = ml_collections.ConfigDict()
-  c.rl.algorithm = "dapo"  # grpo | dapo | vppo (sets the defaults below)
+  c.rl.loss = "dapo"  # a policy loss by name: grpo | dapo | ppo | registered
   c.rl.steps = 0
   c.rl.num_prompts = 32  # prompts per training batch (B)
   c.rl.num_samples = 8  # G
   c.rl.ppo_epochs = 1
   c.rl.num_minibatches = 1
+  # Memory bounds, in rows (responses); each a multiple of G or a divisor.
+  c.rl.rollout_chunk = 256  # rows per sampling call (over all processes)
+  c.rl.analysis_chunk = 256  # rows per analysis / reference-log-prob chunk
+  c.rl.micro_batch = 256  # rows per gradient micro-batch (accumulated)
   c.rl.clip_low = 0.2
   c.rl.clip_high = 0.28
+  c.rl.clip_ratio_c = 3.0  # dual clip (verl, VPPO); 0 turns it off
   c.rl.aggregation = "token-mean"
   c.rl.kl_beta = 0.0
   c.rl.std_mode = "sample"  # [open] group std: sample (verl) | population
@@ -109,9 +159,9 @@ def base_config() -> ml_collections.ConfigDict:
       grad_clip=1.0, b2=0.999, groups=(),
   )  # fmt: skip
   c.rl.ease = dict(
-      enabled=False, weight=0.001, tau=0.5, gate=True, layers=(),
-      num_queries=64, renormalize=True, direction="target_to_model",
-      no_box="uniform",
+      enabled=False, loss="ease", weight=0.001, tau=0.5, gate=True,
+      layers=(), num_queries=64, renormalize=True,
+      direction="target_to_model", no_box="uniform",
   )  # fmt: skip
   c.rl.reinforce = dict(
       enabled=False, lambda_attn=0.1, test="logprob_drop", margin=0.0,
@@ -125,13 +175,20 @@ def base_config() -> ml_collections.ConfigDict:
   )
   c.log_every = 10
   c.ckpt = dict(every=100, keep=2, async_save=True)
+  # Weights & Biases (optional, `pip install wandb`): on when a project is
+  # named; metrics also go to metrics.jsonl and TensorBoard as always.
+  c.wandb = dict(project="", entity="", name="", mode="")
   c.debug = dict(nan_at_step=-1)  # fault injection for tests
   return c
 
 
 def set_algorithm(c, algorithm: str):
-  """GRPO / DAPO / VPPO defaults (METHODS 1, 2, 5)."""
-  c.rl.algorithm = algorithm
+  """GRPO / DAPO / VPPO defaults (docs/methods.md 1, 2, 5).
+
+  Sets the policy loss by name (`rl.loss`) and the settings that go with
+  it; VPPO is DAPO's loss plus its analysis pass (`rl.vppo`).
+  """
+  c.rl.loss = "grpo" if algorithm == "grpo" else "dapo"
   if algorithm == "grpo":
     c.rl.clip_low, c.rl.clip_high = 0.2, 0.2
     c.rl.aggregation = "seq-mean-token-mean"
@@ -150,7 +207,38 @@ def set_algorithm(c, algorithm: str):
   return c
 
 
-REAL_ARGS = dict(variant="7b", hf_dir="", data="", eval_data="", runlocal=False)
+def recipe(arg, algorithm: str, stages=("rl",)):
+  """The base of a recipe file: the demo, or the real 3B / 7B recipe.
+
+  `arg` as `parse_arg(arg, **RECIPE_ARGS)` makes it. The file then sets its
+  method's switches and returns `sized(c, arg)`.
+  """
+  if arg.demo:
+    from configs import demo  # pylint: disable=g-import-not-at-top
+
+    if arg.hf_dir or arg.data:
+      raise ValueError("demo trains the tiny model on synthetic data; drop"
+                       " hf_dir / data, or drop demo")  # fmt: skip
+    return demo.demo_config(algorithm=algorithm)
+  c = base_config()
+  set_algorithm(c, algorithm)
+  c.stages = tuple(stages)
+  return qwen2_5_vl_real(c, arg)
+
+
+def sized(c, arg):
+  """Applies `runlocal` last, so it shrinks the recipe's own settings."""
+  if not arg.runlocal:
+    return c
+  if arg.demo:
+    from configs import demo  # pylint: disable=g-import-not-at-top
+
+    return demo.shrink(c)
+  if arg.hf_dir:
+    runlocal_checkpoint(c)
+  else:
+    tiny_model(c)
+  return runlocal(c)
 
 
 def qwen2_5_vl_real(c, arg):
@@ -158,8 +246,6 @@ def qwen2_5_vl_real(c, arg):
 
   `arg`: variant=3b|7b, hf_dir=<local HF folder>, data=<train.jsonl>,
   eval_data=<eval.jsonl>; without data, the synthetic task at 112-224 px.
-  `runlocal` keeps the algorithm but swaps in the demo's tiny model and a
-  small synthetic dataset.
   """
   if arg.variant not in ("3b", "7b"):
     raise ValueError(f"variant must be 3b or 7b, not {arg.variant!r}")
@@ -174,14 +260,26 @@ def qwen2_5_vl_real(c, arg):
       c.data.jsonl["validation"] = arg.eval_data
       c.data.jsonl["test"] = arg.eval_data
   c.data.prompt_buckets = (512, 1024, 2048)
-  c.data.patch_buckets = (1024, 4096, 16384)
+  # Patch slots of the window-padded vision layout: 1,280 visual tokens of
+  # a near-square image take 80-81 windows of 64 patches (5,120-5,184).
+  c.data.patch_buckets = (1024, 2048, 4096, 6144)
   c.data.response_buckets = (256, 512, 1024)
   c.data.processor.max_pixels = 1280 * 28 * 28
+  c.model.remat = "full"  # benchmarks/memory.py: what makes the recipes fit
   c.rl.num_prompts = 512 if arg.variant == "7b" else 256
   c.rl.gen_prompts = 3 * c.rl.num_prompts
   c.rl.max_rounds = 10
   c.rl.num_samples = 16
   c.rl.num_minibatches = 16
+  # Rows per gradient micro-batch and per sampling call, sized by
+  # `python benchmarks/memory.py` for 8 x 80 GiB (fsdp=8) with >= 15%
+  # headroom: 16 (7B) / 32 (3B) rows and 256 sequences per device. The
+  # forward-only analysis takes micro-batches too; SFT rows (whole prompt +
+  # response sequences) one per device.
+  c.rl.micro_batch = 128 if arg.variant == "7b" else 256
+  c.rl.analysis_chunk = c.rl.micro_batch
+  c.rl.rollout_chunk = 2048
+  c.sft.micro_batch = 8
   c.rl.sampling = dict(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=1024)
   c.rl.overlong_cache = 256
   c.rl.optim.lr = 1e-6
@@ -193,10 +291,14 @@ def qwen2_5_vl_real(c, arg):
       every=25, num_examples=512, batch_size=64, final_examples=0, sampled=0
   )
   c.ckpt = dict(every=25, keep=3, async_save=True)
-  if arg.runlocal:
-    tiny_model(c)
-    runlocal(c)
   return c
+
+
+# The synthetic task at runlocal size: colour and count questions.
+SMALL_SYNTHETIC = dict(
+    families=("attribute", "count"), num_train=64, num_validation=16,
+    num_test=16,
+)  # fmt: skip
 
 
 def tiny_model(c):
@@ -209,31 +311,41 @@ def tiny_model(c):
   c.model.scratch = demo.scratch_model()
   c.data.name = "evidence_vqa/demo"
   c.data.jsonl = {}
-  c.data.synthetic = dict(
-      families=("attribute", "count"),
-      num_train=64,
-      num_validation=16,
-      num_test=16,
-  )
+  c.data.synthetic = dict(SMALL_SYNTHETIC)
   c.data.processor.max_pixels = None
   c.rl.optim.groups = ()
+  return c
+
+
+def runlocal_checkpoint(c):
+  """A real checkpoint at small images and buckets (a smoke test)."""
+  c.data.processor.max_pixels = 224 * 224
+  c.data.processor.min_pixels = 56 * 56
+  if not c.data.jsonl:
+    c.data.name = "evidence_vqa/demo"
+    c.data.synthetic = dict(SMALL_SYNTHETIC)
   return c
 
 
 def runlocal(c):
   """Shrinks anything to run on a laptop CPU in a minute or two."""
   c.model.dtype = "float32"
-  c.data.prompt_buckets = (64, 128)
+  tiny = c.model.init == "scratch"
+  c.data.prompt_buckets = (64, 128) if tiny else (128, 256)
   c.data.patch_buckets = (64, 256)
   c.data.response_buckets = (16, 32)
   c.sft.steps = min(c.sft.steps, 4) if c.sft.steps else 0
   c.sft.batch_size = 4
+  c.sft.micro_batch = 2
   c.rl.steps = min(c.rl.steps, 2)
   c.rl.num_prompts = 4
   c.rl.gen_prompts = 4
   c.rl.max_rounds = 2
   c.rl.num_samples = 4
   c.rl.num_minibatches = 1
+  c.rl.rollout_chunk = 8
+  c.rl.analysis_chunk = 8
+  c.rl.micro_batch = 8
   c.rl.sampling.max_new_tokens = 16
   c.rl.overlong_cache = 4
   c.eval = dict(

@@ -103,16 +103,23 @@ def demo_config(runlocal: bool = False, algorithm: str = "dapo"):
   c.ckpt = dict(every=100, keep=2, async_save=True)
   c.log_every = 25
   if runlocal:
-    common.runlocal(c)
-    c.data.prompt_buckets = (68,)
-    c.data.patch_buckets = (144,)
-    c.data.response_buckets = (8, 16)
-    c.data.synthetic.num_train = 64
-    c.data.synthetic.num_validation = 16
-    c.data.synthetic.num_test = 16
+    shrink(c)
+  return c
+
+
+def shrink(c):
+  """The demo at `runlocal` size: the same task, a minute on a CPU."""
+  common.runlocal(c)
+  c.data.prompt_buckets = (68,)
+  c.data.patch_buckets = (144,)
+  c.data.response_buckets = (8, 16)
+  c.data.synthetic.num_train = 64
+  c.data.synthetic.num_validation = 16
+  c.data.synthetic.num_test = 16
   return c
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, runlocal=False, algorithm="dapo")
+  """`demo` is accepted (this is the demo); `algorithm=grpo|dapo|vppo`."""
+  arg = common.parse_arg(arg, runlocal=False, demo=True, algorithm="dapo")
   return demo_config(arg.runlocal, arg.algorithm)

@@ -1,4 +1,4 @@
-r"""Faithful-MR1 (METHODS 4): Anchoring, then Reinforcing.
+r"""Faithful-MR1 (docs/methods.md 4): Anchoring, then Reinforcing.
 
 Anchoring (SFT stage): every response starts with `<Focus>`; the attention
 row of that token over the visual tokens (heads averaged, at the probed
@@ -23,21 +23,18 @@ The demo tokenizer has `<Focus>` already:
 Switches: --config.data.processor.counterfactual_fill=black|gray|blur,
 --config.rl.reinforce.test=rollout_flip, --config.rl.reinforce.lambda_attn,
 --config.sft.anchor.weight, --config.data.processor.focus_alpha (smoothing).
+
+Arguments (variant, hf_dir, data, eval_data, demo, runlocal): see
+configs/common.py.
 """
 
 from configs import common
-from configs import demo
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, demo=False, **common.REAL_ARGS)
-  if arg.demo or (arg.runlocal and not arg.hf_dir):
-    c = demo.demo_config(arg.runlocal)
-  else:
-    c = common.base_config()
-    common.set_algorithm(c, "dapo")
-    common.qwen2_5_vl_real(c, arg)
-    c.stages = ("sft", "rl")
+  arg = common.parse_arg(arg, **common.RECIPE_ARGS)
+  c = common.recipe(arg, "dapo", stages=("sft", "rl"))
+  if not arg.demo:
     c.sft.steps = 500
     c.sft.batch_size = 64
   c.data.processor.focus_token = True
@@ -50,4 +47,4 @@ def get_config(arg=None):
       enabled=True, lambda_attn=0.1, test="logprob_drop", margin=0.0,
       layers=(), num_queries=64,
   )  # fmt: skip
-  return c
+  return common.sized(c, arg)

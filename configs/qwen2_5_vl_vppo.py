@@ -1,5 +1,5 @@
-r"""VPPO (METHODS 5): DAPO plus a perturbed-image branch (each 14-px patch
-blackened with p = 0.5); per-token visual dependency S = exp(d) - d - 1
+r"""VPPO (docs/methods.md 5): DAPO plus a perturbed-image branch (each 14-px
+patch blackened with p = 0.5); per-token visual dependency S = exp(d) - d - 1
 (clamped to [0, 10]); only the top 40% of each response's tokens by S get
 gradient; advantages scaled by beta_min + s (beta_max - beta_min) with s
 the min-max normalised mean dependency of the response.
@@ -11,20 +11,16 @@ the min-max normalised mean dependency of the response.
     --workdir=workdirs/vppo_demo
   python -m faithful_rl.train --config=configs/qwen2_5_vl_vppo.py:runlocal \
     --workdir=/tmp/vppo_local
+
+Arguments (variant, hf_dir, data, eval_data, demo, runlocal): see
+configs/common.py.
 """
 
 from configs import common
-from configs import demo
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, demo=False, **common.REAL_ARGS)
-  if arg.demo or (arg.runlocal and not arg.hf_dir):
-    c = demo.demo_config(arg.runlocal, algorithm="vppo")
-  else:
-    c = common.base_config()
-    common.set_algorithm(c, "vppo")
-    c.stages = ("rl",)
-    common.qwen2_5_vl_real(c, arg)
+  arg = common.parse_arg(arg, **common.RECIPE_ARGS)
+  c = common.recipe(arg, "vppo")
   c.rl.vppo = dict(enabled=True, drop_prob=0.5, topk=0.4, beta_min=0.9)
-  return c
+  return common.sized(c, arg)

@@ -1,8 +1,9 @@
 """Orbax checkpoints of a run: train state, data position, run metadata.
 
 A checkpoint holds {params, opt_state, step} (restored straight onto their
-shardings), the data iterators' states and the host-side counters as JSON,
-and the run's config. Orbax writes each step into a temporary folder and
+shardings), the data iterators' states (one per process) and the host-side
+counters as JSON, the frozen reference parameters of a KL-regularised RL
+stage, and the run's config. Orbax writes each step into a temporary folder and
 renames it when complete, so a crash mid-write leaves the previous
 checkpoint as the latest loadable one. The config saved in the workdir is
 compared with a resumed run's: a different model is an error that names
@@ -38,12 +39,18 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def check_compatible(workdir: str, config_dict: dict) -> None:
-  """Writes `config.json` on a fresh workdir, or checks it matches."""
+def check_compatible(workdir: str, config_dict: dict, write: bool = True):
+  """Writes `config.json` on a fresh workdir, or checks it matches.
+
+  With several processes only one writes (`write`); a process that finds
+  no file yet has nothing to compare.
+  """
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
+    if not write:
+      return
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
       json.dump(config_dict, f, indent=2, sort_keys=True, default=str)
     os.replace(tmp, path)
@@ -102,30 +109,42 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, host: dict[str, Any]) -> None:
-    """Saves the train state pytree and the JSON-able host state."""
+  def save(
+      self, step: int, state: Any, host: dict[str, Any], ref: Any = None
+  ) -> None:
+    """Saves the train state, the JSON-able host state and, when given, the
+    frozen reference parameters of a KL-regularised RL stage.
+
+    Every process calls it (each writes its shards; process 0 the JSON).
+    """
     crash_at = os.environ.get("FAITHFUL_RL_TEST_CRASH_IN_SAVE")
     if crash_at and int(crash_at) == step:
       _kill_when_writing(self.directory, step)
-    self.manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            host=ocp.args.JsonSave(host),
-        ),
-        force=True,
+    items = dict(
+        state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host)
     )
+    if ref is not None:
+      items["ref"] = ocp.args.StandardSave(ref)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def restore(self, step: int, abstract_state: Any):
-    """(state, host) of `step`, the state placed as `abstract_state` says."""
-    out = self.manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            host=ocp.args.JsonRestore(),
-        ),
+  def restore(self, step: int, abstract_state: Any, ref: Any = None):
+    """(state, host, ref) of `step`, placed as the abstract trees say.
+
+    `ref`: the abstract reference parameters; the result's ref is None when
+    the checkpoint holds none.
+    """
+    items = dict(
+        state=ocp.args.StandardRestore(abstract_state),
+        host=ocp.args.JsonRestore(),
     )
-    return out["state"], out["host"]
+    if ref is not None and os.path.isdir(
+        os.path.join(self.directory, str(step), "ref")
+    ):
+      items["ref"] = ocp.args.StandardRestore(ref)
+    else:
+      ref = None
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return out["state"], out["host"], (out["ref"] if ref is not None else None)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -48,8 +48,11 @@ def load_run(workdir: str, step: int | None = None):
   model_config = train.model_config_for(config, processor)
   processor = train.make_processor(config, model_config)
   dtype = jnp.dtype(config.model.dtype)
+  options = train.model_options(config)
   graphdef, abstract = nnx.split(
-      nnx.eval_shape(lambda: models.create(model_config, dtype=dtype))
+      nnx.eval_shape(
+          lambda: models.create(model_config, dtype=dtype, **options)
+      )
   )
   params = checkpointing.load_params(
       workdir, nnx.to_pure_dict(abstract), step=step

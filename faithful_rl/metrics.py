@@ -1,4 +1,4 @@
-"""Metrics to a JSONL file, TensorBoard and the console; learning curves.
+"""Metrics to a JSONL file, TensorBoard, W&B and the console; curves.
 
 `metrics.jsonl` has one JSON object per line, {"step": s, "split": ...,
 name: value, ...}, each written with a single `write` on an O_APPEND
@@ -7,6 +7,12 @@ file is validated (a line that does not parse is an error naming the file
 and line, and the run stops before writing anything) and lines past the
 restored step are dropped, so the file then continues exactly as an
 uninterrupted run's.
+
+Weights & Biases is optional: with a project named (`config.wandb.project`)
+the `wandb` package is imported (an error says to install it if it is
+missing) and every row is logged there too; the run id is kept in the
+workdir, so a resumed run continues the same W&B run. With several
+processes only process 0 writes (the others get a `NullWriter`).
 """
 
 from __future__ import annotations
@@ -58,8 +64,53 @@ def _clean(value):
   return value
 
 
+class NullWriter:
+  """A Writer that writes nothing (processes other than 0)."""
+
+  path = None
+
+  def write(self, step, scalars, split="train"):
+    del step, scalars, split
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def _wandb_run(workdir: str, opts: Mapping[str, Any], resume_step):
+  """A W&B run for this workdir (resumed by id), or None without a project."""
+  opts = dict(opts or {})
+  if not opts.get("project"):
+    return None
+  try:
+    import wandb  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        f"config.wandb.project={opts['project']!r} needs the wandb package:"
+        " pip install wandb (or leave the project empty)"
+    ) from e
+  id_path = os.path.join(workdir, "wandb_id")
+  run_id = None
+  if resume_step is not None and os.path.exists(id_path):
+    run_id = open(id_path).read().strip() or None
+  run = wandb.init(
+      project=opts["project"],
+      entity=opts.get("entity") or None,
+      name=opts.get("name") or None,
+      mode=opts.get("mode") or None,
+      dir=workdir,
+      id=run_id,
+      resume="allow" if run_id else None,
+  )
+  with open(id_path, "w") as f:
+    f.write(str(run.id))
+  return run
+
+
 class Writer:
-  """Writes scalars to workdir/metrics.jsonl and TensorBoard."""
+  """Writes scalars to workdir/metrics.jsonl, TensorBoard and W&B."""
 
   def __init__(
       self,
@@ -67,6 +118,7 @@ class Writer:
       *,
       resume_step: int | None = None,
       tensorboard: bool = True,
+      wandb: Mapping[str, Any] | None = None,
   ):
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
@@ -92,15 +144,22 @@ class Writer:
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
       except ImportError:
         self._tb = None
+    self._wandb = _wandb_run(workdir, wandb, resume_step)
 
   def write(self, step: int, scalars: Mapping[str, Any], split: str = "train"):
     row = {"step": int(step), "split": split}
     row.update({k: _clean(v) for k, v in scalars.items()})
     os.write(self._fd, (json.dumps(row, sort_keys=True) + "\n").encode())
+    numbers = {
+        f"{split}/{k}": v
+        for k, v in row.items()
+        if k not in ("step", "split") and isinstance(v, (int, float))
+    }
     if self._tb is not None:
-      for k, v in row.items():
-        if k not in ("step", "split") and isinstance(v, (int, float)):
-          self._tb.add_scalar(f"{split}/{k}", v, step)
+      for k, v in numbers.items():
+        self._tb.add_scalar(k, v, step)
+    if self._wandb is not None:
+      self._wandb.log(numbers, step=int(step))
 
   def flush(self):
     if self._tb is not None:
@@ -110,6 +169,8 @@ class Writer:
     os.close(self._fd)
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
 
 
 def plot_curves(path: str, out_png: str, keys=None) -> str:

@@ -95,6 +95,11 @@ def make(
   return tx
 
 
+def frozen_patterns(cfg) -> tuple[str, ...]:
+  """Path regexes of the groups an optim block freezes (multiplier 0)."""
+  return tuple(str(p) for p, m in cfg.get("groups", ()) if float(m) == 0)
+
+
 def from_config(params, cfg, total_steps: int) -> optax.GradientTransformation:
   """`make` from an ml_collections block (see configs/common.py)."""
   return make(

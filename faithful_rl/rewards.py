@@ -1,4 +1,4 @@
-"""Verifiable rewards: answer extraction, answer checking, format, shaping.
+"""Verifiable rewards: answer extraction, answer checking, format.
 
 Host-side Python over decoded strings. Nothing here raises on odd input:
 a response that cannot be read scores 0.
@@ -425,24 +425,11 @@ def format_reward(
   return 1.0
 
 
-def overlong_shaping(length: int, max_len: int, cache_len: int) -> float:
-  """Python twin of `losses.overlong_penalty` for one response (DAPO)."""
-  soft = max_len - cache_len
-  if length <= soft:
-    return 0.0
-  if length <= max_len:
-    return (soft - length) / max(cache_len, 1)
-  return -1.0
-
-
 def reward_fn(
     response: str,
     answer: str,
     answer_type: str | None = None,
     *,
-    length: int | None = None,
-    max_len: int | None = None,
-    cache_len: int = 0,
     correct_weight: float = 1.0,
     format_weight: float = 0.0,
     require_think: bool = False,
@@ -452,25 +439,21 @@ def reward_fn(
 ) -> dict[str, float]:
   """Total reward and its parts for one response (`verify` for boxed_only).
 
-  reward = correct_weight * correct + format_weight * format + overlong,
-  with correct and format in {0, 1} and overlong the DAPO shaping in
-  [-1, 0] (0 unless `length` and `max_len` are given).
+  reward = correct_weight * correct + format_weight * format, with correct
+  and format in {0, 1}. DAPO's overlong shaping depends on the response's
+  length, not its text: the RL step adds `losses.overlong_penalty`.
 
   Returns:
-    {'reward', 'correct', 'format', 'overlong'} as floats.
+    {'reward', 'correct', 'format'} as floats.
   """
   correct = verify(
       response, answer, answer_type, choices=choices, boxed_only=boxed_only
   )
   fmt = format_reward(response, require_think, focus_token)
-  over = 0.0
-  if length is not None and max_len is not None:
-    over = overlong_shaping(int(length), int(max_len), int(cache_len))
   return {
-      "reward": correct_weight * correct + format_weight * fmt + over,
+      "reward": correct_weight * correct + format_weight * fmt,
       "correct": correct,
       "format": fmt,
-      "overlong": over,
   }
 
 
@@ -479,11 +462,10 @@ def batch_rewards(
     answers: Sequence[str],
     answer_types: Sequence[str | None] | None = None,
     *,
-    lengths: Sequence[int] | None = None,
     choices: Sequence[Any] | None = None,
     **kwargs: Any,
 ) -> dict[str, np.ndarray]:
-  """`reward_fn` over a batch: {'reward', 'correct', ...} float32[N] each."""
+  """`reward_fn` over a batch: {'reward', 'correct', 'format'} float32[N]."""
   n = len(responses)
   types = answer_types if answer_types is not None else [None] * n
   outs = [
@@ -491,13 +473,12 @@ def batch_rewards(
           responses[i],
           answers[i],
           types[i],
-          length=None if lengths is None else lengths[i],
           choices=None if choices is None else choices[i],
           **kwargs,
       )
       for i in range(n)
   ]
-  keys = ("reward", "correct", "format", "overlong")
+  keys = ("reward", "correct", "format")
   return {k: np.array([o[k] for o in outs], np.float32) for k in keys}
 
 
@@ -505,7 +486,6 @@ __all__ = [
     "batch_rewards",
     "extract_answer",
     "format_reward",
-    "overlong_shaping",
     "reward_fn",
     "verify",
 ]

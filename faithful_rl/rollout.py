@@ -164,19 +164,32 @@ def _last_positive(x: jax.Array) -> jax.Array:
   return jnp.max(jnp.where(x > 0, idx, 0), axis=-1)
 
 
+def per_row_keys(rng: jax.Array) -> bool:
+  """Whether `rng` is one typed PRNG key per row (key[N]) or one key."""
+  return bool(
+      jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.ndim > 0
+  )
+
+
 def _categorical(rng: jax.Array, logits: jax.Array, block: int = 128):
   """One draw per row from softmax(logits) by a two-level inverse CDF.
 
   A block of `block` tokens is drawn by its mass, then a token within it:
   two uniforms and short cumulative sums per row. `jax.random.categorical`
   (Gumbel-max) draws V Gumbel variables per row: ~25x slower on CPU at a
-  32k vocabulary. Tokens (and blocks) of zero mass are never drawn.
+  32k vocabulary. Tokens (and blocks) of zero mass are never drawn. With
+  one key per row (key[N] for logits [N, V]), a row's draw depends on its
+  own key only.
   """
   shape, v = logits.shape[:-1], logits.shape[-1]
   nb = -(-v // block)
   e = jnp.exp(logits - logits.max(-1, keepdims=True)).reshape(-1, v)
   e = jnp.pad(e, ((0, 0), (0, nb * block - v))).reshape(-1, nb, block)
-  u = jax.random.uniform(rng, (2, e.shape[0], 1))
+  if per_row_keys(rng):
+    u = jax.vmap(lambda k: jax.random.uniform(k, (2,)))(rng.reshape(-1))
+    u = u.T[:, :, None]
+  else:
+    u = jax.random.uniform(rng, (2, e.shape[0], 1))
 
   def draw(weights, u):
     cum = jnp.cumsum(weights, axis=-1)
@@ -194,7 +207,8 @@ def select_tokens(
   """Draws one token per row; returns (tokens, log pi(token)).
 
   The log-probability is that of the temperature-scaled distribution before
-  top-k/top-p filtering: the quantity the training step recomputes.
+  top-k/top-p filtering: the quantity the training step recomputes. `rng`
+  is one key, or one key per row (see `_categorical`).
   """
   logits = logits.astype(jnp.float32)
   temp = 1.0 if config.greedy else config.temperature
@@ -234,40 +248,61 @@ def _head_logits(model, hidden: jax.Array) -> jax.Array:
   )
 
 
-def _prefill(model, batch: dict, vision, r: int):
-  """The prompts into a fresh cache with `r` free slots after them.
+def _prefill(model, batch: dict, vision, free: int = 0):
+  """The prompts into a cache of their slots plus `free` empty ones.
 
-  Returns the prompt forward's output (its cache holds the prompt), the
-  key mask bool[B, Tp + r] (the free slots off) and the M-RoPE position of
-  each row's first response token int[B].
+  Returns the prompt forward's output (its cache holds the prompts' keys
+  and values), the key mask bool[B, Tp + free] (the free slots off) and the
+  M-RoPE position of each row's first response token int[B].
   """
   ids, pos = batch["prompt_ids"], batch["position_ids"]
   b, tp = ids.shape
   kv_mask = jnp.concatenate(
-      [batch["prompt_mask"].astype(jnp.bool_), jnp.zeros((b, r), jnp.bool_)], 1
+      [batch["prompt_mask"].astype(jnp.bool_), jnp.zeros((b, free), bool)], 1
   )
   out = model(
       ids,
       attention_mask=kv_mask,
       position_ids=pos,
       vision=vision,
-      cache=KVCache.zeros(model.config.text, b, tp + r, model.dtype),
+      cache=KVCache.zeros(model.config.text, b, tp + free, model.dtype),
       cache_index=0,
       return_logits=False,
   )
   return out, kv_mask, pos.max(axis=(0, 2)) + 1
 
 
-def _sample_program(model, batch: dict, rng: jax.Array, config: SamplingConfig):
-  """The whole rollout for one batch (traced once per bucket)."""
+def _sample_program(
+    model, batch: dict, rng: jax.Array, config: SamplingConfig, row_ids=None
+):
+  """The whole rollout for one batch (traced once per bucket).
+
+  Row n draws its token at step t with the key fold_in(fold_in(rng,
+  row_ids[n]), t): its tokens depend on its prompt, its id and `rng` only,
+  not on the other rows of the call, so any split of the rows into calls
+  samples the same responses.
+
+  With G > 1 samples per prompt, the prompts' keys and values are the
+  samples' shared prefix: each decoding step reads a prompt's cache once
+  for its G rows, and each row keeps only its own R response slots. With
+  G = 1 (evaluation) every row decodes into its prompt's cache.
+  """
   b, tp = batch["prompt_ids"].shape
   g, r = config.num_samples, config.max_new_tokens
-  out, kv_mask, next_pos = _prefill(model, batch, batch.get("vision"), r)
-  last = _head_logits(model, out.hidden[:, -1])  # left-padded: last is real
-  cache, kv_mask, last, next_pos = _repeat(
-      (out.cache, kv_mask, last, next_pos), g
-  )
+  if row_ids is None:
+    row_ids = jnp.arange(b * g, dtype=jnp.int32)
+  row_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids)
   n = b * g
+  if g == 1:
+    out, kv_mask, next_pos = _prefill(model, batch, batch.get("vision"), r)
+    cache, offset, shared = out.cache, tp, {}
+  else:
+    out, _, next_pos = _prefill(model, batch, batch.get("vision"))
+    shared = dict(prefix_cache=out.cache, prefix_mask=batch["prompt_mask"])
+    cache = KVCache.zeros(model.config.text, n, r, model.dtype)
+    kv_mask, offset = jnp.zeros((n, r), jnp.bool_), 0
+  last = _head_logits(model, out.hidden[:, -1])  # left-padded: last is real
+  last, next_pos = _repeat((last, next_pos), g)
   stop = jnp.asarray(config.stop_tokens or (-1,), jnp.int32)
 
   def cond(state):
@@ -275,28 +310,29 @@ def _sample_program(model, batch: dict, rng: jax.Array, config: SamplingConfig):
     return (step < r) & ~jnp.all(done)
 
   def body(state):
-    step, tokens, logprobs, mask, done, cache, kv_mask, logits, rng = state
-    rng, key = jax.random.split(rng)
-    tok, lp = select_tokens(key, logits, config)
+    step, tokens, logprobs, mask, done, cache, kv_mask, logits = state
+    keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
+    tok, lp = select_tokens(keys, logits, config)
     tok = jnp.where(done, config.pad_token, tok)
     lp = jnp.where(done, 0.0, lp)
     tokens = tokens.at[:, step].set(tok)
     logprobs = logprobs.at[:, step].set(lp)
     mask = mask.at[:, step].set(~done)
     done = done | jnp.isin(tok, stop)
-    kv_mask = kv_mask.at[:, tp + step].set(True)
+    kv_mask = kv_mask.at[:, offset + step].set(True)
     step_pos = jnp.broadcast_to((next_pos + step)[None, :, None], (3, n, 1))
     out = model(
         tok[:, None],
         attention_mask=kv_mask,
         position_ids=step_pos,
         cache=cache,
-        cache_index=tp + step,
+        cache_index=offset + step,
         return_logits=False,
+        **shared,
     )
     logits = _head_logits(model, out.hidden[:, 0])
     return (step + 1, tokens, logprobs, mask, done, out.cache, kv_mask,
-            logits, rng)  # fmt: skip
+            logits)  # fmt: skip
 
   init = (
       jnp.int32(0),
@@ -307,7 +343,6 @@ def _sample_program(model, batch: dict, rng: jax.Array, config: SamplingConfig):
       cache,
       kv_mask,
       last,
-      rng,
   )
   final = jax.lax.while_loop(cond, body, init)
   tokens, logprobs, mask, done = final[1], final[2], final[3], final[4]
@@ -435,26 +470,22 @@ def score(
 
 
 def _shared_prefix_forward(model, batch, vision, tokens, mask, g, probe):
-  """Prompt once into a cache, repeated G times; responses over it.
+  """Prompt once into a cache, the shared prefix of its G responses.
 
   Returns hidden states [N, R, D] predicting `tokens` and the responses'
   model output.
   """
-  b, tp = batch["prompt_ids"].shape
+  b, _ = batch["prompt_ids"].shape
   r = tokens.shape[1]
-  prompt, _, next_pos = _prefill(model, batch, vision, r)
+  prompt, _, next_pos = _prefill(model, batch, vision)
   rpos = next_pos[:, None] + jnp.arange(r, dtype=next_pos.dtype)[None]
   rpos = jnp.broadcast_to(_repeat(rpos, g)[None], (3, b * g, r))  # [3, N, R]
-  pmask = batch["prompt_mask"].astype(jnp.bool_)
-  kv_mask = jnp.concatenate(
-      [jnp.repeat(pmask, g, axis=0), mask.astype(jnp.bool_)], 1
-  )
   out = model(
       tokens,
-      attention_mask=kv_mask,
+      attention_mask=mask.astype(jnp.bool_),
       position_ids=rpos,
-      cache=_repeat(prompt.cache, g),
-      cache_index=tp,
+      prefix_cache=prompt.cache,
+      prefix_mask=batch["prompt_mask"],
       attention_probe=probe,
       return_logits=False,
   )
@@ -470,7 +501,10 @@ def _shared_prefix_forward(model, batch, vision, tokens, mask, g, probe):
 
 def _shape_key(tree) -> tuple:
   leaves, treedef = jax.tree.flatten(tree)
-  return (treedef,) + tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
+  return (treedef,) + tuple(
+      (tuple(x.shape), str(x.dtype), str(getattr(x, "sharding", None)))
+      for x in leaves
+  )
 
 
 class Engine:
@@ -507,22 +541,47 @@ class Engine:
         )
 
   def sample(
-      self, model, batch: dict, rng: jax.Array, config: SamplingConfig
+      self,
+      model,
+      batch: dict,
+      rng: jax.Array,
+      config: SamplingConfig,
+      row_ids: jax.Array | None = None,
   ) -> Rollout:
+    """`config.num_samples` responses per prompt of `batch`.
+
+    `row_ids` int32[B * G] names each row's random stream (default
+    0..B*G-1; see `_sample_program`): equal ids, prompts and `rng` give
+    equal responses in any call.
+    """
     batch = {k: v for k, v in batch.items() if k in _BATCH_KEYS}
     self.check_bucket(batch)
     graphdef, state = nnx.split(model)
-    key = (graphdef, config, _shape_key(state), _shape_key(batch))
+    if row_ids is None:
+      n = batch["prompt_ids"].shape[0] * config.num_samples
+      row_ids = jnp.arange(n, dtype=jnp.int32)
+    args = (state, batch, rng, row_ids)
+    key = (graphdef, config, _shape_key(args))
     program = self._programs.get(key)
     if program is None:
-
-      def fn(state, batch, rng):
-        return _sample_program(nnx.merge(graphdef, state), batch, rng, config)
-
-      program = jax.jit(fn).lower(state, batch, rng).compile()
+      program = self.lower(graphdef, config, *args).compile()
       self._programs[key] = program
       self.compilations += 1
-    return program(state, batch, rng)
+    return program(*args)
+
+  def lower(self, graphdef, config: SamplingConfig, state, batch, rng, row_ids):
+    """The rollout program lowered for these (possibly abstract) inputs.
+
+    Any of `state`, `batch`, `rng`, `row_ids` may be `jax.ShapeDtypeStruct`s
+    (with shardings): `.compile().memory_analysis()` then reports the
+    program's memory without allocating anything.
+    """
+
+    def fn(state, batch, rng, row_ids):
+      model = nnx.merge(graphdef, state)
+      return _sample_program(model, batch, rng, config, row_ids)
+
+    return jax.jit(fn).lower(state, batch, rng, row_ids)
 
 
 _BATCH_KEYS = ("prompt_ids", "prompt_mask", "position_ids", "vision")
@@ -536,6 +595,8 @@ def sample(
   return _DEFAULT_ENGINE.sample(model, batch, rng, config)
 
 
-def sample_traced(model, batch: dict, rng: jax.Array, config: SamplingConfig):
+def sample_traced(
+    model, batch: dict, rng: jax.Array, config: SamplingConfig, row_ids=None
+):
   """`sample` for use inside an enclosing jit (no compile cache)."""
-  return _sample_program(model, batch, rng, config)
+  return _sample_program(model, batch, rng, config, row_ids)

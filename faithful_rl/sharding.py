@@ -1,6 +1,6 @@
 """One device mesh (data, fsdp, tensor) and partition rules.
 
-Parameters are sharded by regex rules over their path (`a/b/0/kernel`), in
+Parameters are sharded by regex rules over their path (`a/b/kernel`), in
 the style of big_vision: the first rule that matches gives a
 PartitionSpec; a mesh axis whose size does not divide the dimension is
 dropped for that parameter (it stays replicated along it), so the same
@@ -8,7 +8,8 @@ rules serve 1 CPU, 8 fake CPU devices, a GPU node or a TPU pod. Batches
 shard their leading axis over (data, fsdp).
 
 Multi-host: call `jax.distributed.initialize()` before building the mesh
-(`config.mesh.distributed=True` does it in train.py).
+(`config.distributed.enabled=True` does it in train.py); the functions at
+the end of this file move batches between processes and the mesh.
 """
 
 from __future__ import annotations
@@ -90,6 +91,10 @@ def spec_for(
     return P()
   if len(spec) > len(shape):
     spec = P(*spec[-len(shape) :]) if shape else P()
+  elif len(spec) < len(shape):
+    # Stacked layers ([L, ...]): the rule names the trailing axes; the
+    # layer axis stays whole, so each scan step finds its layer locally.
+    spec = P(*((None,) * (len(shape) - len(spec)) + tuple(spec)))
   out = []
   for dim, axis in zip(shape, tuple(spec) + (None,) * len(shape)):
     names = (axis,) if isinstance(axis, str) else tuple(axis or ())
@@ -132,3 +137,117 @@ def batch_sharding(mesh: Mesh, tree):
 def put_batch(mesh: Mesh, tree):
   """Places a host batch on the mesh (leading axis data-parallel)."""
   return jax.device_put(tree, batch_sharding(mesh, tree))
+
+
+# ---------------------------------------------------------------------------
+# Several processes: each holds its share of the batch.
+#
+# A batch's leading axis is split over processes in contiguous blocks, in
+# process order (process p holds rows [p * n / P, (p + 1) * n / P)): the
+# layout `jax.make_array_from_process_local_data` gives over a mesh whose
+# batch axes list the processes' devices in order. With one process these
+# are plain `device_put` / `device_get`.
+# ---------------------------------------------------------------------------
+
+
+def global_batch(mesh: Mesh, tree):
+  """Global arrays from this process's rows of a batch (host arrays).
+
+  The leading axis is sharded over (data, fsdp) where the global size
+  divides; otherwise the array is replicated (the processes' rows are
+  all-gathered first, so every process must call this together).
+  """
+  procs = jax.process_count()
+  if procs == 1:
+    return put_batch(mesh, tree)
+  n_dev = mesh.shape["data"] * mesh.shape["fsdp"]
+
+  def one(x):
+    x = np.asarray(x)
+    shape = (x.shape[0] * procs,) + x.shape[1:]
+    if shape[0] % n_dev == 0 and n_dev > 1:
+      sh = NamedSharding(mesh, P(BATCH))
+      return jax.make_array_from_process_local_data(sh, x, shape)
+    return replicated(mesh, allgather(x))
+
+  return jax.tree.map(one, tree)
+
+
+def replicated(mesh: Mesh, tree):
+  """Arrays equal on every process, replicated over the mesh."""
+  sh = NamedSharding(mesh, P())
+
+  def one(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+  return jax.tree.map(one, tree)
+
+
+def local_rows(x, mesh: Mesh | None = None) -> np.ndarray:
+  """This process's block of rows of a global array (host numpy).
+
+  With several processes an array not laid out by rows (see above) is
+  first re-laid out on `mesh` (a collective: every process calls this).
+  """
+  procs = jax.process_count()
+  if procs == 1:
+    return np.asarray(jax.device_get(x))
+  p, n = jax.process_index(), x.shape[0]
+  if n % procs:
+    raise ValueError(f"{n} rows do not split over {procs} processes")
+  want = batch_sharding(mesh, x) if mesh is not None else x.sharding
+  if mesh is not None and not x.sharding.is_equivalent_to(want, x.ndim):
+    x = jax.jit(lambda a: a, out_shardings=want)(x)
+  k = n // procs
+  if x.sharding.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))[p * k : (p + 1) * k]
+  blocks = {}
+  for shard in x.addressable_shards:
+    if any(s != slice(None) for s in shard.index[1:]):
+      raise ValueError(f"rows of {x.sharding} are split along other axes")
+    blocks.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
+  out = np.concatenate([blocks[s] for s in sorted(blocks)])
+  if min(blocks) != p * k or out.shape[0] != k:
+    raise ValueError(
+        f"process {p} holds rows from {min(blocks)} ({out.shape[0]} rows),"
+        f" not its block [{p * k}, {(p + 1) * k})"
+    )
+  return out
+
+
+def allgather(x) -> np.ndarray:
+  """Every process's host array, concatenated along axis 0 in process order."""
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name`."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is True on any (a collective)."""
+  return bool(allgather(np.asarray([bool(flag)])).any())
+
+
+def stacked_shardings(mesh: Mesh, tree):
+  """Shardings of a [M, rows, ...] tree: axis 1 over (data, fsdp) if it
+  divides, else replicated (the M axis is scanned, never sharded)."""
+  n = mesh.shape["data"] * mesh.shape["fsdp"]
+
+  def one(leaf):
+    shape = tuple(leaf.shape)
+    if len(shape) >= 2 and shape[1] % n == 0 and n > 1:
+      return NamedSharding(mesh, P(None, BATCH))
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(one, tree)

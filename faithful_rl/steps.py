@@ -1,24 +1,29 @@
-"""Pure, jittable training steps: SFT (+ anchoring), RL (+ EASE), analysis.
+"""Pure, jittable training steps: SFT (+ anchoring) and RL (+ EASE) updates.
 
-Everything here maps (params, batch, rng) to numbers; train.py owns the
-loop. Parameters are a pure dict (`nnx.to_pure_dict`) merged with the
-model's graphdef inside the step, so the jit boundary sees plain pytrees.
-Method switches are frozen dataclasses (static under jit), built from the
-ml_collections config by `*.from_config`.
+Everything here maps (params, batch, rng) to numbers; the learners
+(`rl.Learner`, `sft.Learner`) own the loops. Parameters are a pure dict
+(`nnx.to_pure_dict`) merged with the model's graphdef inside the step, so
+the jit boundary sees plain pytrees. Method switches are frozen
+dataclasses (static under jit) read from the ml_collections config by
+`*.from_config`; the config (configs/common.py) is their only source of
+defaults.
 
-RL batch (b prompts x G samples = n rows, prompt-major):
-  prompt_ids/prompt_mask/position_ids/vision [b, ...], cf_vision (opt.)
-  tokens int32[n, R], mask bool[n, R], old_logp float32[n, R]
-  advantages float32[n], rewards float32[n] (correctness, for the gate)
-  token_weights float32[n, R] (VPPO filter; ones otherwise)
-  ease_target float32[b, V], evidence_mask bool[b, V], has_boxes bool[b]
-  ref_logp float32[n, R] (only with a reference KL)
+An update step takes a minibatch as micro-batches, a leading axis
+[M, rows, ...], and scans over it, accumulating float32 gradients, before
+one optimizer update. Each micro-batch's loss is normalised by the whole
+minibatch's counts (`Objective.totals`), so the accumulated gradient is
+the minibatch's gradient whatever M is.
+
+RL batches are `rl.batch.RolloutBatch`es; SFT batches are the dicts of
+`data.batching.collate` with `position_ids` batch-major [B, 3, Tp]. The
+RL step's no-gradient passes are in `rl.analysis`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import re
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,15 +32,25 @@ from flax import nnx
 
 from faithful_rl import losses
 from faithful_rl import rollout
-from faithful_rl.models.inputs import VisionInputs
+from faithful_rl import sharding as sharding_lib
 from faithful_rl.models.qwen2_5_vl import AttentionProbe
 from faithful_rl.models.qwen2_5_vl import visual_token_positions
+from faithful_rl.rl.batch import RolloutBatch
+from faithful_rl.rl.batch import repeat_rows
 
 
-def _from(cls, cfg, **extra):
+def _from(cls, block, what: str, **extra):
+  """`cls` from a config block holding exactly its fields (names checked)."""
+  block = dict(block or {})
   names = {f.name for f in dataclasses.fields(cls)}
-  kwargs = {k: v for k, v in dict(cfg or {}).items() if k in names}
+  unknown = sorted(set(block) - names - set(extra))
+  if unknown and cls is not RLConfig:
+    raise ValueError(f"config.{what} has unknown keys {unknown}")
+  kwargs = {k: v for k, v in block.items() if k in names}
   kwargs.update(extra)
+  missing = sorted(names - set(kwargs))
+  if missing:
+    raise ValueError(f"config.{what} lacks {missing}")
   for k, v in kwargs.items():
     if isinstance(v, list):
       kwargs[k] = tuple(v)
@@ -44,113 +59,118 @@ def _from(cls, cfg, **extra):
 
 @dataclasses.dataclass(frozen=True)
 class EaseConfig:
-  """EASE (METHODS 3). layers=() means floor(2L/3)."""
+  """EASE (docs/methods.md 3); `loss` names an "attention" loss."""
 
-  enabled: bool = False
-  weight: float = 0.001
-  tau: float = 0.5
-  gate: bool = True
-  layers: tuple[int, ...] = ()
-  num_queries: int = 64
-  renormalize: bool = True
-  direction: str = "target_to_model"
-  no_box: str = "uniform"  # 'uniform' target, or 'skip' the example
+  enabled: bool
+  loss: str
+  weight: float
+  tau: float
+  gate: bool
+  layers: tuple[int, ...]  # () means floor(2L/3)
+  num_queries: int
+  renormalize: bool
+  direction: str
+  no_box: str  # 'uniform' target, or 'skip' the example
 
 
 @dataclasses.dataclass(frozen=True)
 class AnchorConfig:
-  """Faithful-MR1 Anchoring (METHODS 4): KL of the <Focus> row."""
+  """Faithful-MR1 Anchoring (docs/methods.md 4): KL of the <Focus> row."""
 
-  enabled: bool = False
-  weight: float = 0.1
-  layers: tuple[int, ...] = ()
-  renormalize: bool = True
-  direction: str = "target_to_model"
+  enabled: bool
+  weight: float
+  layers: tuple[int, ...]
+  renormalize: bool
+  direction: str
 
 
 @dataclasses.dataclass(frozen=True)
 class ReinforceConfig:
-  """Faithful-MR1 Reinforcing (METHODS 4)."""
+  """Faithful-MR1 Reinforcing (docs/methods.md 4)."""
 
-  enabled: bool = False
-  lambda_attn: float = 0.1
-  test: str = "logprob_drop"  # or 'rollout_flip'
-  margin: float = 0.0
-  layers: tuple[int, ...] = ()
-  num_queries: int = 64
+  enabled: bool
+  lambda_attn: float
+  test: str  # 'logprob_drop' or 'rollout_flip'
+  margin: float
+  layers: tuple[int, ...]
+  num_queries: int
 
 
 @dataclasses.dataclass(frozen=True)
 class VppoConfig:
-  """VPPO (METHODS 5)."""
+  """VPPO (docs/methods.md 5)."""
 
-  enabled: bool = False
-  drop_prob: float = 0.5
-  topk: float = 0.4
-  beta_min: float = 0.9
+  enabled: bool
+  drop_prob: float
+  topk: float
+  beta_min: float
 
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-  """Everything the RL loss and the analysis pass read (static)."""
+  """What the RL loss, the analysis and the advantages read (static)."""
 
-  num_samples: int = 8
-  temperature: float = 1.0
-  clip_low: float = 0.2
-  clip_high: float = 0.28
-  aggregation: str = "token-mean"
-  kl_beta: float = 0.0
-  ease: EaseConfig = EaseConfig()
-  reinforce: ReinforceConfig = ReinforceConfig()
-  vppo: VppoConfig = VppoConfig()
+  loss: str  # a "policy" loss name (losses.registry)
+  num_samples: int
+  temperature: float
+  clip_low: float
+  clip_high: float
+  clip_ratio_c: float
+  aggregation: str
+  kl_beta: float
+  std_mode: str
+  scale_advantages: bool
+  ease: EaseConfig
+  reinforce: ReinforceConfig
+  vppo: VppoConfig
 
   @classmethod
-  def from_config(cls, rl) -> "RLConfig":
-    return _from(
-        cls,
-        rl,
-        num_samples=rl.num_samples,
-        temperature=rl.sampling.temperature,
-        ease=_from(EaseConfig, rl.get("ease")),
-        reinforce=_from(ReinforceConfig, rl.get("reinforce")),
-        vppo=_from(VppoConfig, rl.get("vppo")),
+  def from_config(cls, rl, **overrides) -> "RLConfig":
+    """From `config.rl`; `overrides` replace fields (tests, benchmarks)."""
+    subs = dict(
+        ease=_from(EaseConfig, rl.get("ease"), "rl.ease"),
+        reinforce=_from(ReinforceConfig, rl.get("reinforce"), "rl.reinforce"),
+        vppo=_from(VppoConfig, rl.get("vppo"), "rl.vppo"),
     )
+    for name, cls_ in (("ease", EaseConfig), ("reinforce", ReinforceConfig),
+                       ("vppo", VppoConfig)):  # fmt: skip
+      if isinstance(overrides.get(name), dict):
+        overrides[name] = dataclasses.replace(subs[name], **overrides[name])
+    extra = dict(temperature=rl.sampling.temperature, **subs)
+    extra.update(overrides)
+    cfg = _from(cls, rl, "rl", **extra)
+    losses.get("policy", cfg.loss)  # a clear error for an unknown name
+    if cfg.ease.enabled:
+      losses.get("attention", cfg.ease.loss)
+    return cfg
 
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
-  anchor: AnchorConfig = AnchorConfig()
+  anchor: AnchorConfig
 
   @classmethod
   def from_config(cls, sft) -> "SFTConfig":
-    return cls(anchor=_from(AnchorConfig, sft.get("anchor")))
+    return cls(anchor=_from(AnchorConfig, sft.get("anchor"), "sft.anchor"))
 
 
 def probe_layers(layers: tuple[int, ...], model) -> tuple[int, ...]:
   return tuple(layers) or (model.config.default_probe_layer,)
 
 
-def _prompt(batch: dict) -> dict:
-  keys = ("prompt_ids", "prompt_mask", "position_ids", "vision")
-  return {k: batch[k] for k in keys if k in batch}
+def probe_rows(
+    model, prompt_ids, num_visual, mask, rng, g, num_queries, layers
+):
+  """Probe of up to K sampled response rows over the visual tokens.
 
-
-def _visual_keys(model, batch: dict, g: int):
-  """Visual token positions of each row's prompt: int32[n, V], bool[n, V]."""
-  v = batch["ease_target"].shape[1]
-  pos, valid = visual_token_positions(
-      batch["prompt_ids"], model.config.image_token_id, v
-  )
-  return jnp.repeat(pos, g, axis=0), jnp.repeat(valid, g, axis=0)
-
-
-def response_probe(model, batch, mask, rng, g, num_queries, layers):
-  """Probe of up to K sampled response rows over the prompt's visual tokens.
-
-  Returns (probe, query_valid bool[n, K], key_valid bool[n, V]).
+  `rng`: one key, or one key per row. Returns (probe, query_valid bool[n,
+  K], key_valid bool[n, V]).
   """
   qpos, qvalid = losses.sample_query_rows(rng, mask, k=num_queries)
-  kpos, kvalid = _visual_keys(model, batch, g)
+  kpos, kvalid = visual_token_positions(
+      prompt_ids, model.config.image_token_id, num_visual
+  )
+  kpos, kvalid = repeat_rows((kpos, kvalid), g)
   probe = AttentionProbe(
       query_positions=qpos,
       key_positions=kpos,
@@ -160,21 +180,72 @@ def response_probe(model, batch, mask, rng, g, num_queries, layers):
   return probe, qvalid, kvalid
 
 
-def _rep(x, g):
-  return jnp.repeat(x, g, axis=0)
+def response_probe(model, batch, mask, rng, g, num_queries, layers):
+  """`probe_rows` for a dict batch (prompt_ids, ease_target)."""
+  v = batch["ease_target"].shape[1]
+  return probe_rows(model, batch["prompt_ids"], v, mask, rng, g, num_queries,
+                layers)  # fmt: skip
+
+
+def row_keys(rng, row_ids):
+  return jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids)
+
+
+def _visual_valid(model, prompt_ids, num_visual):
+  return visual_token_positions(
+      prompt_ids, model.config.image_token_id, num_visual
+  )[1]
 
 
 # ---------------------------------------------------------------------------
-# Losses.
+# Objectives: a loss over one micro-batch, and the minibatch's totals.
 # ---------------------------------------------------------------------------
 
 
-def sft_loss(params, graphdef, batch: dict, rng, cfg: SFTConfig):
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """A loss and the minibatch-wide counts that normalise it.
+
+  loss(params, graphdef, micro, rng, cfg, totals) -> (loss, metrics), for
+  one micro-batch; totals(batch, cfg, image_token_id) -> {name: float32
+  scalar} over the whole minibatch [M, rows, ...].
+  """
+
+  loss: Callable
+  totals: Callable
+
+
+def _sft_prompt(batch: dict) -> dict:
+  return dict(
+      prompt_ids=batch["prompt_ids"],
+      prompt_mask=batch["prompt_mask"],
+      position_ids=jnp.swapaxes(batch["position_ids"], 0, 1),
+      vision=batch["vision"],
+  )
+
+
+def sft_totals(batch: dict, cfg: "SFTConfig", image_token_id: int) -> dict:
+  """Response tokens and (with anchoring) supervised examples."""
+  mask = batch["response_mask"] & batch["example_mask"][..., None]
+  out = {"tokens": mask.sum().astype(jnp.float32)}
+  if cfg.anchor.enabled:
+    v = batch["focus_target"].shape[-1]
+    valid = jax.vmap(
+        lambda ids: visual_token_positions(ids, image_token_id, v)[1]
+    )(batch["prompt_ids"])
+    has_t = jnp.any((batch["focus_target"] > 0) & valid, -1)
+    has_t = has_t & batch["has_boxes"] & batch["example_mask"]
+    out["anchor"] = has_t.sum().astype(jnp.float32)
+  return out
+
+
+def sft_loss(params, graphdef, batch: dict, rng, cfg: SFTConfig, totals):
   """Teacher-forced cross-entropy on reference responses (+ anchoring).
 
-  Token-mean over the batch's response tokens. With anchoring, the probe
-  reads the attention row of the first response token (<Focus>) over the
-  visual tokens and adds `weight * KL(focus target || row)`.
+  Token-mean over the minibatch's response tokens. With anchoring, the
+  probe reads the attention row of the first response token (<Focus>) over
+  the visual tokens and adds `weight * KL(focus target || row)`, averaged
+  over the minibatch's examples with boxes.
   """
   del rng
   model = nnx.merge(graphdef, params)
@@ -182,7 +253,10 @@ def sft_loss(params, graphdef, batch: dict, rng, cfg: SFTConfig):
   mask = mask & batch["example_mask"][:, None]
   probe = None
   if cfg.anchor.enabled:
-    kpos, kvalid = _visual_keys(model, batch, 1)
+    v = batch["focus_target"].shape[1]
+    kpos, kvalid = visual_token_positions(
+        batch["prompt_ids"], model.config.image_token_id, v
+    )
     probe = AttentionProbe(
         query_positions=jnp.zeros((tokens.shape[0], 1), jnp.int32),
         key_positions=kpos,
@@ -190,9 +264,9 @@ def sft_loss(params, graphdef, batch: dict, rng, cfg: SFTConfig):
         layers=probe_layers(cfg.anchor.layers, model),
     )
   logp, ent, out = rollout.score(
-      model, _prompt(batch), tokens, mask, num_samples=1, probe=probe
+      model, _sft_prompt(batch), tokens, mask, num_samples=1, probe=probe
   )
-  ce = -losses.masked_mean(logp, mask)
+  ce = -losses.masked_mean(logp, mask, count=totals["tokens"])
   metrics = {
       "ce": ce,
       "token_accuracy": losses.masked_mean(
@@ -210,6 +284,7 @@ def sft_loss(params, graphdef, batch: dict, rng, cfg: SFTConfig):
         example_mask=batch["has_boxes"] & batch["example_mask"],
         renormalize=cfg.anchor.renormalize,
         direction=cfg.anchor.direction,
+        normalizer=totals["anchor"],
     )
     total = total + cfg.anchor.weight * anchor
     metrics.update({f"anchor/{k}": v for k, v in m.items()})
@@ -218,56 +293,89 @@ def sft_loss(params, graphdef, batch: dict, rng, cfg: SFTConfig):
   return total, metrics
 
 
-def rl_loss(params, graphdef, batch: dict, rng, cfg: RLConfig):
-  """Clipped policy-gradient loss (+ reference KL) + lambda * EASE."""
+def rl_totals(batch: RolloutBatch, cfg: RLConfig, image_token_id: int):
+  """Tokens, responses with a token and (EASE) supervised trajectories."""
+  mask = batch.mask
+  out = {
+      "tokens": mask.sum().astype(jnp.float32),
+      "responses": mask.any(-1).sum().astype(jnp.float32),
+  }
+  if cfg.ease.enabled:
+
+    def counted(b: RolloutBatch):
+      g, v = b.rows_per_prompt, b.ease_target.shape[-1]
+      valid = visual_token_positions(b.prompt_ids, image_token_id, v)[1]
+      skip = cfg.ease.no_box == "skip"
+      return losses.ease_counted(
+          target=repeat_rows(b.ease_target, g),
+          valid=repeat_rows(valid, g),
+          rewards=b.correct,
+          target_mask=repeat_rows(b.has_boxes, g) if skip else None,
+          tau=cfg.ease.tau,
+          gate=cfg.ease.gate,
+      ).sum()
+
+    stacked = batch.prompt_ids.ndim == 3
+    n = jax.vmap(counted)(batch).sum() if stacked else counted(batch)
+    out["ease"] = n.astype(jnp.float32)
+  return out
+
+
+def rl_loss(params, graphdef, batch: RolloutBatch, rng, cfg: RLConfig, totals):
+  """The policy loss named `cfg.loss` (+ reference KL) + lambda * EASE."""
   model = nnx.merge(graphdef, params)
-  g = cfg.num_samples
-  tokens, mask = batch["tokens"], batch["mask"]
+  g = batch.rows_per_prompt
+  tokens, mask = batch.tokens, batch.mask
   probe, qvalid, kvalid = None, None, None
   if cfg.ease.enabled:
-    probe, qvalid, kvalid = response_probe(
-        model, batch, mask, rng, g, cfg.ease.num_queries, cfg.ease.layers
-    )
+    keys = row_keys(rng, batch.row_ids)
+    probe, qvalid, kvalid = probe_rows(
+        model, batch.prompt_ids, batch.ease_target.shape[1], mask, keys, g,
+        cfg.ease.num_queries, cfg.ease.layers,
+    )  # fmt: skip
   logp, ent, out = rollout.score(
       model,
-      _prompt(batch),
+      batch.prompt_inputs(),
       tokens,
       mask,
       num_samples=g,
       temperature=cfg.temperature,
       probe=probe,
   )
-  pg, metrics = losses.policy_loss(
+  policy = losses.get("policy", cfg.loss)
+  token_mean = cfg.aggregation == "token-mean"
+  pg, metrics = policy(
       logp=logp,
-      old_logp=batch["old_logp"],
-      advantages=batch["advantages"],
+      old_logp=batch.old_logp,
+      advantages=batch.advantages,
       mask=mask,
+      ref_logp=batch.ref_logp,
+      token_weights=batch.token_weights,
+      normalizer=totals["tokens" if token_mean else "responses"],
       clip_low=cfg.clip_low,
       clip_high=cfg.clip_high,
+      clip_ratio_c=cfg.clip_ratio_c,
       aggregation=cfg.aggregation,
-      ref_logp=batch.get("ref_logp"),
       kl_beta=cfg.kl_beta,
-      token_weights=batch.get("token_weights"),
   )
   metrics = dict(metrics)
   metrics["entropy"] = losses.masked_mean(ent, mask)
   total = pg
   if cfg.ease.enabled:
-    target_mask = None
-    if cfg.ease.no_box == "skip":
-      target_mask = _rep(batch["has_boxes"], g)
-    attn, m = losses.ease_loss(
+    skip = cfg.ease.no_box == "skip"
+    attn, m = losses.get("attention", cfg.ease.loss)(
         attention=out.visual_attention,
-        target=_rep(batch["ease_target"], g),
+        target=repeat_rows(batch.ease_target, g),
         valid=kvalid,
-        rewards=batch["rewards"],
+        rewards=batch.correct,
         query_mask=qvalid,
-        target_mask=target_mask,
-        evidence_mask=_rep(batch["evidence_mask"], g),
+        target_mask=repeat_rows(batch.has_boxes, g) if skip else None,
+        evidence_mask=repeat_rows(batch.evidence_mask, g),
         tau=cfg.ease.tau,
         gate=cfg.ease.gate,
         renormalize=cfg.ease.renormalize,
         direction=cfg.ease.direction,
+        normalizer=totals["ease"],
     )
     total = total + cfg.ease.weight * attn
     metrics.update({f"ease/{k}": v for k, v in m.items()})
@@ -276,106 +384,8 @@ def rl_loss(params, graphdef, batch: dict, rng, cfg: RLConfig):
   return total, metrics
 
 
-# ---------------------------------------------------------------------------
-# The no-gradient analysis pass of a rollout batch.
-# ---------------------------------------------------------------------------
-
-
-def perturb_patches(
-    vision: VisionInputs, rng, *, drop_prob: float, black: jax.Array
-) -> VisionInputs:
-  """VPPO's perturbed image: each 14-px patch blackened with prob p.
-
-  `black` float[patch_dim] is a black patch after the processor's
-  normalisation ((0 - mean) / std per channel).
-  """
-  pix = vision.pixel_values
-  drop = jax.random.bernoulli(rng, drop_prob, pix.shape[:2])
-  pix = jnp.where(drop[..., None], black.astype(pix.dtype), pix)
-  return dataclasses.replace(vision, pixel_values=pix)
-
-
-def analyze(params, graphdef, batch: dict, rng, cfg: RLConfig) -> dict:
-  """Per-trajectory quantities the rewards and advantages need.
-
-  Returns a dict with, as enabled:
-    evidence_mass float32[n]: share of the response's visual attention on
-      evidence tokens (Faithful-MR1 reward; also a diagnostic);
-    logp_cf float32[n]: summed response log-prob on the counterfactual
-      image (the 'logprob_drop' test), beside logp_sum on the original;
-    dependency float32[n, R]: VPPO's token visual dependency S.
-  """
-  model = nnx.merge(graphdef, params)
-  g = cfg.num_samples
-  tokens, mask = batch["tokens"], batch["mask"]
-  out: dict[str, Any] = {}
-  r_cfg = cfg.reinforce
-  k_probe, k_vppo = jax.random.split(rng)
-  if r_cfg.enabled:
-    probe, qvalid, kvalid = response_probe(
-        model, batch, mask, k_probe, g, r_cfg.num_queries, r_cfg.layers
-    )
-    logp, _, fwd = rollout.score(
-        model,
-        _prompt(batch),
-        tokens,
-        mask,
-        num_samples=g,
-        temperature=cfg.temperature,
-        probe=probe,
-    )
-    a = losses.trajectory_attention(
-        attention=fwd.visual_attention, valid=kvalid, query_mask=qvalid
-    )
-    ev = _rep(batch["evidence_mask"], g) & kvalid
-    out["evidence_mass"] = jnp.sum(jnp.where(ev, a, 0.0), -1)
-    out["attention"] = a
-    out["logp_sum"] = losses.masked_sum(logp, mask, axis=-1)
-    if r_cfg.test == "logprob_drop":
-      logp_cf, _, _ = rollout.score(
-          model,
-          _prompt(batch),
-          tokens,
-          mask,
-          num_samples=g,
-          temperature=cfg.temperature,
-          vision=batch["cf_vision"],
-      )
-      out["logp_cf"] = losses.masked_sum(logp_cf, mask, axis=-1)
-  if cfg.vppo.enabled:
-    perturbed = perturb_patches(
-        batch["vision"],
-        k_vppo,
-        drop_prob=cfg.vppo.drop_prob,
-        black=batch["black_patch"],
-    )
-    logp_p, _, _ = rollout.score(
-        model,
-        _prompt(batch),
-        tokens,
-        mask,
-        num_samples=g,
-        temperature=cfg.temperature,
-        vision=perturbed,
-    )
-    out["dependency"] = losses.visual_dependency(
-        logp_perturbed=logp_p, logp_orig=batch["old_logp"], mask=mask
-    )
-  return out
-
-
-def reference_logprobs(params, graphdef, batch: dict, cfg: RLConfig):
-  """Log-probs of the sampled tokens under frozen reference parameters."""
-  model = nnx.merge(graphdef, params)
-  logp, _, _ = rollout.score(
-      model,
-      _prompt(batch),
-      batch["tokens"],
-      batch["mask"],
-      num_samples=cfg.num_samples,
-      temperature=cfg.temperature,
-  )
-  return logp
+RL = Objective(loss=rl_loss, totals=rl_totals)
+SFT = Objective(loss=sft_loss, totals=sft_totals)
 
 
 # ---------------------------------------------------------------------------
@@ -392,21 +402,62 @@ class TrainState:
 
 
 def make_update(
-    loss_fn: Callable,
+    objective: Objective,
     tx: optax.GradientTransformation,
     graphdef,
     cfg,
     *,
     state_shardings=None,
+    frozen: Sequence[str] = (),
 ):
-  """jit(update)(state, batch, rng) -> (state, metrics); donates `state`."""
+  """jit(update)(state, batch, rng) -> (state, metrics); donates `state`.
 
-  def update(state: TrainState, batch: dict, rng):
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, metrics), grads = grad_fn(state.params, graphdef, batch, rng, cfg)
+  `batch` leads with a micro-batch axis M ([M, rows, ...] arrays); the
+  update scans over it, summing float32 gradients of each micro-batch's
+  loss (normalised by `objective.totals` of the whole batch), then applies
+  one `tx` update. Metrics: "loss" is the minibatch's loss (the sum over
+  micro-batches), the others are means over micro-batches; "grad_norm",
+  "param_norm". It lowers from abstract inputs (`jax.ShapeDtypeStruct`s
+  with shardings): `make_update(...).lower(state, batch, rng)`.
+
+  `frozen`: path regexes of parameters the optimizer leaves alone (lr
+  multiplier 0, e.g. the vision tower): they enter the loss through
+  `stop_gradient`, so no backward pass is computed for them at all.
+  """
+  loss_fn = objective.loss
+  if frozen:
+
+    def loss_fn(params, *args):
+      held = jax.tree_util.tree_map_with_path(
+          lambda path, p: jax.lax.stop_gradient(p)
+          if any(re.search(f, sharding_lib.path_str(path)) for f in frozen)
+          else p,
+          params,
+      )
+      return objective.loss(held, *args)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def update(state: TrainState, batch, rng):
+    image_token_id = nnx.merge(graphdef, state.params).config.image_token_id
+    totals = objective.totals(batch, cfg, image_token_id)
+    zeros = jax.tree.map(
+        lambda p: jnp.zeros(p.shape, jnp.float32), state.params
+    )
+    if state_shardings is not None:
+      zeros = jax.lax.with_sharding_constraint(zeros, state_shardings.params)
+
+    def micro(carry, mb):
+      grads, loss = carry
+      (l, m), g = grad_fn(state.params, graphdef, mb, rng, cfg, totals)
+      grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+      return (grads, loss + l), m
+
+    (grads, loss), ms = jax.lax.scan(micro, (zeros, jnp.float32(0)), batch)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics)
+    metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), dict(ms))
     metrics["loss"] = loss
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["param_norm"] = optax.global_norm(params)

@@ -8,14 +8,14 @@ resume.
       --workdir=/runs/dapo7b --config.rl.steps=300
 
 Rerunning the same command resumes from the workdir's last checkpoint and
-continues exactly where the run stopped (bitwise on CPU).
+continues exactly where the run stopped (bitwise on CPU). SIGTERM (a
+preempted job) finishes the current step, saves, prints where to resume
+and exits 0. Several processes (`--config.distributed.enabled=True`, one
+per host) run the same command; each reads its share of the data.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import hashlib
 import json
 import math
 import os
@@ -40,21 +40,32 @@ from faithful_rl import models
 from faithful_rl import optim
 from faithful_rl import rl
 from faithful_rl import rollout
+from faithful_rl import sft
 from faithful_rl import sharding
 from faithful_rl import steps
 from faithful_rl.data import batching
-from faithful_rl.data import builders
-from faithful_rl.data import processing
-from faithful_rl.data import synthetic
-from faithful_rl.data import tokenizer as tok_lib
 from faithful_rl.evaluators import accuracy
-from faithful_rl.models import archs
-from faithful_rl.models.config import ModelConfig
-from faithful_rl.models.config import TextConfig
-from faithful_rl.models.config import VisionConfig
+from faithful_rl.run_setup import chance_accuracy
+from faithful_rl.run_setup import dataset_sources
+from faithful_rl.run_setup import make_processor
+from faithful_rl.run_setup import model_config_for
+from faithful_rl.run_setup import results_table
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
+
+__all__ = [
+    "RunStopped",
+    "abstract_train_state",
+    "chance_accuracy",
+    "dataset_sources",
+    "init_params",
+    "make_processor",
+    "make_tx",
+    "model_config_for",
+    "stage_plan",
+    "train",
+]
 
 
 class RunStopped(RuntimeError):
@@ -62,117 +73,8 @@ class RunStopped(RuntimeError):
 
 
 # ---------------------------------------------------------------------------
-# Pieces main() composes (each importable on its own).
+# Pieces train() composes (each importable on its own).
 # ---------------------------------------------------------------------------
-
-
-def model_config_for(config, processor=None) -> ModelConfig:
-  """The model's architecture, without loading any weights."""
-  m = config.model
-  if m.init == "scratch":
-    sc = m.scratch.to_dict() if hasattr(m.scratch, "to_dict") else m.scratch
-    text = dict(sc["text"])
-    vision = dict(sc["vision"])
-    for d in (text, vision):
-      for k, v in d.items():
-        if isinstance(v, list):
-          d[k] = tuple(v)
-    ids = tok_lib.special_token_ids(
-        (processor.tokenizer if processor else _demo_tokenizer())
-    )
-    return ModelConfig(
-        text=TextConfig(**text),
-        vision=VisionConfig(**vision),
-        **ids.model_config_kwargs(),
-    )
-  if m.hf_dir and os.path.exists(os.path.join(m.hf_dir, "config.json")):
-    return models.read_config(m.hf_dir)
-  if m.get("arch"):
-    return archs.get(m.arch)
-  raise ValueError(
-      f"config.model.hf_dir={m.hf_dir!r} has no config.json (and no"
-      " config.model.arch names a known architecture)"
-  )
-
-
-@functools.cache
-def _demo_tokenizer():
-  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
-
-  return AutoTokenizer.from_pretrained(tok_lib.demo_tokenizer_dir())
-
-
-def make_processor(config, model_config=None) -> processing.Processor:
-  opts = config.data.processor.to_dict()
-  path = (
-      tok_lib.demo_tokenizer_dir()
-      if config.model.init == "scratch"
-      else config.model.hf_dir
-  )
-  return processing.processor_for(path, model_config=model_config, **opts)
-
-
-def dataset_sources(config, workdir: str):
-  """Builds (once) and opens the train / eval / test splits."""
-  data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
-  name = config.data.name
-  if name.startswith("evidence_vqa"):
-    base = name.split("/", 1)[1] if "/" in name else "default"
-    overrides = config.data.synthetic.to_dict()
-    knobs = {
-        k: tuple(v) if isinstance(v, list) else v
-        for k, v in overrides.items()
-        if k in {f.name for f in dataclasses.fields(synthetic.SyntheticConfig)}
-    }
-    split_sizes = {k: v for k, v in overrides.items() if k not in knobs}
-    if overrides:
-      digest = hashlib.sha1(
-          json.dumps(overrides, sort_keys=True, default=str).encode()
-      ).hexdigest()[:8]
-      cfg_name = f"{base}_{digest}"
-      builders.build_synthetic(
-          data_dir,
-          "default",
-          name=cfg_name,
-          synthetic=synthetic.SyntheticConfig(**knobs),
-          **split_sizes,
-      )
-    else:
-      cfg_name = base
-      builders.build_synthetic(data_dir, base)
-    full = f"evidence_vqa/{cfg_name}"
-  elif name.startswith("jsonl_vqa/"):
-    files = config.data.jsonl.to_dict()
-    _, reports = builders.build_jsonl(files, data_dir, name=name.split("/")[1])
-    for split, report in reports.items():
-      print(f"[data] {split}: {report}")
-    full = name
-  else:
-    full = name
-  open_ = lambda split: builders.data_source(full, split, data_dir)
-  sources = {"train": open_(config.data.train_split)}
-  for key in ("eval", "test"):
-    try:
-      sources[key] = open_(config.data[f"{key}_split"])
-    except Exception:  # pylint: disable=broad-except
-      sources[key] = None
-  return sources
-
-
-def chance_accuracy(config, source) -> float | None:
-  """Expected accuracy of uniform guessing (synthetic tasks only)."""
-  if source is None or not config.data.name.startswith("evidence_vqa"):
-    return None
-  knobs = {
-      k: tuple(v) if isinstance(v, list) else v
-      for k, v in config.data.synthetic.to_dict().items()
-      if k in {f.name for f in dataclasses.fields(synthetic.SyntheticConfig)}
-  }
-  cfg = synthetic.SyntheticConfig(**knobs)
-  n = min(len(source), 2000)
-  fams = [source[i]["family"] for i in range(n)]
-  fams = [f.decode() if isinstance(f, bytes) else str(f) for f in fams]
-  return float(np.mean([1.0 / cfg.num_answers(f) for f in fams]))
 
 
 def stage_plan(config) -> list[tuple[str, int, int]]:
@@ -185,28 +87,39 @@ def stage_plan(config) -> list[tuple[str, int, int]]:
   return plan
 
 
-def black_patch(processor) -> np.ndarray:
-  """A black patch after normalisation, float32[patch_dim] (VPPO)."""
-  ip = processor.image_processor
-  mean = np.asarray(ip.image_mean, np.float32)
-  std = np.asarray(ip.image_std, np.float32)
-  per_channel = (0.0 - mean) / std
-  return np.repeat(per_channel, processor.patch_dim // 3).astype(np.float32)
+def stage_at(plan, step: int) -> tuple[str, int, int]:
+  for name, start, end in plan:
+    if start <= step < end:
+      return name, start, end
+  return plan[-1] if plan else ("done", 0, 0)
+
+
+def model_options(config) -> dict[str, Any]:
+  """The model's construction options from `config.model`."""
+  m = config.model
+  return dict(
+      param_dtype=jnp.dtype(m.get("param_dtype", m.dtype)),
+      remat=m.get("remat", "none"),
+      attention=m.get("attention", "auto"),
+      scan_layers=m.get("scan_layers", True),
+  )
 
 
 def init_params(config, model_config, mesh):
   """(graphdef, params pure dict) placed on the mesh; shapes first."""
   dtype = jnp.dtype(config.model.dtype)
+  options = model_options(config)
   if config.model.init == "hf":
     model = models.from_pretrained(
         config.model.hf_dir,
         dtype=dtype,
         sharding=sharding.param_sharding_fn(mesh),
+        **options,
     )
     graphdef, state = nnx.split(model)
     return graphdef, nnx.to_pure_dict(state)
   create = lambda: nnx.split(
-      models.create(model_config, dtype=dtype, seed=config.seed)
+      models.create(model_config, dtype=dtype, seed=config.seed, **options)
   )
   graphdef, abstract = nnx.eval_shape(create)
   abstract = nnx.to_pure_dict(abstract)
@@ -219,134 +132,255 @@ def init_params(config, model_config, mesh):
 
 def abstract_train_state(graphdef, params, tx, mesh):
   """ShapeDtypeStructs (with shardings) of TrainState, for restore."""
+  del graphdef
   abstract = jax.eval_shape(
       lambda p: steps.TrainState(p, tx.init(p), jnp.zeros((), jnp.int32)),
       params,
   )
-  shardings = state_shardings(abstract, mesh)
-  return checkpointing.abstract_like(abstract, shardings), shardings
-
-
-def state_shardings(abstract_state, mesh):
-  params_sh = sharding.tree_shardings(abstract_state.params, mesh)
-  opt_sh = sharding.tree_shardings(abstract_state.opt_state, mesh)
+  params_sh = sharding.tree_shardings(abstract.params, mesh)
+  opt_sh = sharding.tree_shardings(abstract.opt_state, mesh)
   step_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return steps.TrainState(params_sh, opt_sh, step_sh)
+  shardings = steps.TrainState(params_sh, opt_sh, step_sh)
+  return checkpointing.abstract_like(abstract, shardings), shardings
 
 
 def make_tx(config, stage: str, params, total: int):
   return optim.from_config(params, config[stage].optim, total)
 
 
-def _results_table(results: dict, chance) -> str:
-  """The run's held-out table: greedy and sampled accuracy per phase."""
-  fmt = lambda x: "n/a" if x is None else f"{x:.3f}"
-  lines = [
-      f"{'held-out accuracy':28s} {'greedy':8s} sampled (T=1, avg@k)",
-      "-" * 60,
-      f"{'chance (uniform guess)':28s} {fmt(chance):8s} {fmt(chance)}",
-  ]
-  phases = (
-      ("init", "before training"),
-      ("sft", "after SFT"),
-      ("rl", "after RL"),
+def init_distributed(config) -> None:
+  """`jax.distributed.initialize` from `config.distributed` (if enabled)."""
+  d = config.distributed
+  if not d.enabled:
+    return
+  # Collectives between CPU processes (tests, CPU clusters); accelerators
+  # use their own.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
+  if d.coordinator_address:
+    kwargs["coordinator_address"] = d.coordinator_address
+  if d.num_processes > 0:
+    kwargs["num_processes"] = int(d.num_processes)
+  if d.process_id >= 0:
+    kwargs["process_id"] = int(d.process_id)
+  jax.distributed.initialize(**kwargs)
+
+
+def iterators(config, sources, processor, model_config, buckets):
+  """This process's shares of the SFT batches and the RL prompts."""
+  procs, index = jax.process_count(), jax.process_index()
+  if config.sft.batch_size % procs:
+    raise ValueError(
+        f"sft.batch_size={config.sft.batch_size} does not split over"
+        f" {procs} processes"
+    )
+  make = lambda batch_size, seed_offset: batching.BatchIterator(
+      sources["train"],
+      processor,
+      batch_size=batch_size,
+      model_config=model_config,
+      buckets=buckets,
+      seed=config.seed + seed_offset,
+      on_overflow=config.data.on_overflow,
+      truncate_response=True,
+      num_threads=config.data.num_threads,
+      shard=(index, procs),
   )
-  for key, label in phases:
-    if key in results:
-      r = results[key]
-      lines.append(
-          f"{label:28s} {fmt(r.get('accuracy')):8s}"
-          f" {fmt(r.get('sampled_accuracy'))}"
+  return {
+      "sft": batching.Prefetch(make(config.sft.batch_size // procs, 0)),
+      "rl": make(config.rl.num_prompts // procs, 1),
+  }
+
+
+def iterator_states(iters) -> dict[str, list[dict]]:
+  """Every process's iterator states, for process 0's JSON checkpoint."""
+  keys = ("seed", "epoch", "position", "num_records", "skipped")
+  out = {}
+  for name, it in iters.items():
+    s = it.get_state()
+    row = np.asarray([[s[k] for k in keys] + list(s["shard"])], np.int64)
+    rows = sharding.allgather(row)
+    out[name] = [
+        dict(zip(keys, map(int, r[:5])), shard=[int(r[5]), int(r[6])])
+        for r in rows
+    ]
+  return out
+
+
+def restore_iterators(iters, saved: dict) -> None:
+  procs, index = jax.process_count(), jax.process_index()
+  for name, it in iters.items():
+    states = saved[name]
+    if isinstance(states, dict):  # written by one process before lists
+      states = [states]
+    if len(states) != procs:
+      raise RunStopped(
+          f"the checkpoint was written by {len(states)} processes; this run"
+          f" has {procs}. Resume with the same number of processes."
       )
-  for key, label in phases[1:]:
-    r = results.get(key, {})
-    if "evidence_mass" in r:
-      lines.append(
-          f"{'evidence mass / pointing':28s} {r['evidence_mass']:.3f} /"
-          f" {r.get('pointing_hit', 0):.3f}  ({label})"
-      )
-  return "\n".join(lines)
+    it.set_state(states[index])
+
+
+class Preemption:
+  """Turns SIGTERM into a request to stop after the current step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. a notebook's worker)
+      self._previous = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def should_stop(self) -> bool:
+    return sharding.any_process(self.requested)
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def evaluate(state, config, graphdef, data, engine, mesh, split, n) -> dict:
+  """Held-out greedy (and sampled) accuracy and attention diagnostics."""
+  source = data["sources"].get(split)
+  if source is None:
+    return {}
+  if jax.process_count() > 1:
+    tqdm.tqdm.write("[eval] skipped: the evaluator runs on one process only")
+    return {}
+  t0 = time.perf_counter()
+  out = accuracy.evaluate(
+      nnx.merge(graphdef, state.params),
+      source,
+      data["processor"],
+      engine=engine,
+      max_new_tokens=int(config.rl.sampling.max_new_tokens),
+      batch_size=config.eval.batch_size,
+      buckets=data["buckets"],
+      num_examples=n or None,
+      probe_layers=tuple(config.rl.ease.layers),
+      mesh=mesh,
+      boxed_only=config.rl.get("boxed_only", False),
+      sampled=config.eval.get("sampled", 0),
+      temperature=config.rl.sampling.temperature,
+  )
+  out["time"] = time.perf_counter() - t0
+  return {k: v for k, v in out.items() if k != "samples"}
+
+
+def make_learner(stage, config, tx, shardings, graphdef, data, iters, mesh,
+                 engine):  # fmt: skip
+  """The stage's learner: `step(state, rng) -> (state, metrics)`."""
+  common = dict(graphdef=graphdef, tx=tx, mesh=mesh,
+                state_shardings=shardings)  # fmt: skip
+  if stage == "sft":
+    return sft.Learner(config, batches=iters["sft"], **common)
+  return rl.Learner(
+      config,
+      processor=data["processor"],
+      model_config=data["model_config"],
+      buckets=data["buckets"],
+      prompts=iters["rl"],
+      engine=engine,
+      **common,
+  )
+
+
+def enter_stage(stage, plan, config, state, graphdef, mesh):
+  """A stage starts with its own optimizer (fresh moments).
+
+  Returns (tx, shardings, state with the fresh optimizer state).
+  """
+  _, start, end = next(p for p in plan if p[0] == stage)
+  tx = make_tx(config, stage, state.params, end - start)
+  _, shardings = abstract_train_state(graphdef, state.params, tx, mesh)
+  state = jax.jit(
+      lambda p, s: steps.TrainState(p, tx.init(p), s),
+      out_shardings=shardings,
+  )(state.params, state.step)
+  return tx, shardings, state
+
+
+def save(ckpts, step, state, iters, results, learner) -> None:
+  """A checkpoint of everything a resumed run continues from."""
+  host = {"data": iterator_states(iters), "results": results, "step": step}
+  ckpts.save(step, state, host, ref=getattr(learner, "ref_params", None))
 
 
 # ---------------------------------------------------------------------------
-# main.
+# train.
 # ---------------------------------------------------------------------------
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the whole run in `workdir`; returns the results."""
   workdir = os.path.abspath(workdir)
-  if config.distributed:
-    jax.distributed.initialize()
+  init_distributed(config)
+  lead = jax.process_index() == 0
   if config.debug.nan_at_step >= 0:
     os.environ.setdefault("FAITHFUL_RL_DEBUG", "1")
 
-  # ------------------------------------------------------------ workdir --
-  checkpointing.check_compatible(workdir, config.to_dict())
-
-  # --------------------------------------------------------------- mesh --
+  # ---------------------------------------------------- workdir, mesh --
+  checkpointing.check_compatible(workdir, config.to_dict(), write=lead)
   mesh = sharding.make_mesh(config.mesh.to_dict())
-  put = functools.partial(sharding.put_batch, mesh)
+  # Under the mesh, the model pins its activations to the batch axes
+  # (`models.layers.shard_batch`).
+  with jax.set_mesh(mesh):
+    return _run(config, workdir, mesh, lead)
 
+
+def _run(config, workdir: str, mesh, lead: bool) -> dict[str, Any]:
+  """`train`'s body, on `mesh`."""
   # --------------------------------------------------------------- data --
   processor0 = make_processor(config)
   model_config = model_config_for(config, processor0)
   processor = make_processor(config, model_config)
+  if not lead:  # process 0 builds the datasets, the others then open them
+    sharding.barrier("datasets")
   sources = dataset_sources(config, workdir)
+  if lead:
+    sharding.barrier("datasets")
   buckets = batching.Buckets(
       prompt=config.data.prompt_buckets,
       patches=config.data.patch_buckets,
       response=config.data.response_buckets,
   )
+  data = dict(sources=sources, processor=processor,
+              model_config=model_config, buckets=buckets)  # fmt: skip
   chance = chance_accuracy(config, sources.get("test") or sources.get("eval"))
-
-  def iterator(batch_size, seed_offset):
-    return batching.BatchIterator(
-        sources["train"],
-        processor,
-        batch_size=batch_size,
-        model_config=model_config,
-        buckets=buckets,
-        seed=config.seed + seed_offset,
-        on_overflow=config.data.on_overflow,
-        truncate_response=True,
-        num_threads=config.data.num_threads,
-    )
-
-  iters = {
-      "sft": batching.Prefetch(iterator(config.sft.batch_size, 0)),
-      "rl": iterator(config.rl.num_prompts, 1),
-  }
+  iters = iterators(config, sources, processor, model_config, buckets)
 
   # -------------------------------------------------- model, optimizer --
   graphdef, params = init_params(config, model_config, mesh)
   plan = stage_plan(config)
   total_steps = plan[-1][2] if plan else 0
 
-  def stage_at(step):
-    for name, start, end in plan:
-      if start <= step < end:
-        return name, start, end
-    return plan[-1] if plan else ("done", 0, 0)
-
-  # -------------------------------------------------------------- resume --
+  # ------------------------------------------------------------- resume --
   ckpts = checkpointing.Checkpoints(
       workdir, keep=config.ckpt.keep, async_save=config.ckpt.async_save
   )
   latest = ckpts.latest_step()
-  writer = metrics_lib.Writer(workdir, resume_step=latest)
+  writer = (
+      metrics_lib.Writer(workdir, resume_step=latest, wandb=config.wandb)
+      if lead
+      else metrics_lib.NullWriter()
+  )
   results: dict[str, Any] = {}
   step = 0 if latest is None else int(latest)
-  stage, s_start, s_end = stage_at(step)
+  stage, s_start, s_end = stage_at(plan, step)
   tx = make_tx(config, stage, params, s_end - s_start) if plan else None
   abstract, shardings = abstract_train_state(graphdef, params, tx, mesh)
+  ref = None
   if latest is None and config.model.get("init_from"):
+    init_step = config.model.get("init_step", -1)
     params = checkpointing.load_params(
         config.model.init_from,
         abstract.params,
-        step=config.model.get("init_step", -1)
-        if config.model.get("init_step", -1) >= 0
-        else None,
+        step=init_step if init_step >= 0 else None,
     )
     print(f"[init] parameters from {config.model.init_from}")
   if latest is None:
@@ -355,69 +389,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         out_shardings=shardings,
     )(params)
   else:
-    state, host = ckpts.restore(latest, abstract)
-    for k, it in iters.items():
-      it.set_state(host["data"][k])
+    state, host, ref = ckpts.restore(latest, abstract, ref=abstract.params)
+    restore_iterators(iters, host["data"])
     results = host.get("results", {})
     print(f"[resume] {workdir}: step {latest} ({stage})")
   del params
 
-  # --------------------------------------------------------------- evals --
+  # ------------------------------------------------------------ learner --
   engine = rollout.Engine(
       prompt_buckets=buckets.prompt, patch_buckets=buckets.patches
   )
-  max_new = int(config.rl.sampling.max_new_tokens)
-
-  def run_eval(split_key: str, n: int):
-    source = sources.get(split_key)
-    if source is None:
-      return {}
-    model = nnx.merge(graphdef, state.params)
-    t0 = time.perf_counter()
-    out = accuracy.evaluate(
-        model,
-        source,
-        processor,
-        engine=engine,
-        max_new_tokens=max_new,
-        batch_size=config.eval.batch_size,
-        buckets=buckets,
-        num_examples=n or None,
-        probe_layers=tuple(config.rl.ease.layers),
-        mesh=mesh,
-        boxed_only=config.rl.get("boxed_only", False),
-        sampled=config.eval.get("sampled", 0),
-        temperature=config.rl.sampling.temperature,
-    )
-    out["time"] = time.perf_counter() - t0
-    return out
-
-  def save(step_: int):
-    host = {
-        "data": {k: it.get_state() for k, it in iters.items()},
-        "results": results,
-        "step": step_,
-    }
-    ckpts.save(step_, state, host)
-
-  # ------------------------------------------------------------- update --
-  def build_update(stage_name):
-    if stage_name == "sft":
-      cfg = steps.SFTConfig.from_config(config.sft)
-      loss = steps.sft_loss
-    else:
-      cfg = steps.RLConfig.from_config(config.rl)
-      loss = steps.rl_loss
-    return cfg, steps.make_update(
-        loss, tx, graphdef, cfg, state_shardings=shardings
-    )
-
-  stage_cfg, update = build_update(stage) if plan else (None, None)
-  analyze = jax.jit(steps.analyze, static_argnums=(1, 4))
-  ref_logprobs = jax.jit(steps.reference_logprobs, static_argnums=(1, 3))
-  ref_holder = [None]  # frozen reference parameters (kl_beta > 0)
+  learner = None
+  if plan:
+    learner = make_learner(stage, config, tx, shardings, graphdef, data,
+                           iters, mesh, engine)  # fmt: skip
+    learner.ref_params = ref
   base_rng = jax.random.key(config.seed)
-  black = black_patch(processor)
+  eval_args = (config, graphdef, data, engine, mesh)
 
   # --------------------------------------------------------------- loop --
   table_split = (
@@ -426,107 +414,82 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       else ("eval", config.eval.num_examples)
   )
   if latest is None and "init" not in results:
-    results["init"] = _eval_summary(run_eval(*table_split))
-    writer.write(0, metrics_lib.scalars(results["init"]), split=table_split[0])
-  bar = tqdm.tqdm(
-      total=total_steps, initial=step, desc=stage, dynamic_ncols=True
-  )
+    results["init"] = evaluate(state, *eval_args, *table_split)
+    if results["init"]:
+      writer.write(0, metrics_lib.scalars(results["init"]), table_split[0])
+  bar = tqdm.tqdm(total=total_steps, initial=step, desc=stage,
+                  dynamic_ncols=True, disable=not lead)  # fmt: skip
   t_last = time.perf_counter()
-
-  def enter_stage(name, start, end):
-    """A new stage starts with its own optimizer (fresh moments)."""
-    nonlocal stage, tx, abstract, shardings, state, stage_cfg, update
-    stage = name
-    bar.set_description(stage)
-    tx = make_tx(config, stage, state.params, end - start)
-    abstract, shardings = abstract_train_state(graphdef, state.params, tx, mesh)
-    state = jax.jit(
-        lambda p, s: steps.TrainState(p, tx.init(p), s),
-        out_shardings=shardings,
-    )(state.params, state.step)
-    stage_cfg, update = build_update(stage)
-
-  while step < total_steps:
-    name, s_start, s_end = stage_at(step)
-    if name != stage:  # e.g. a stage of 0 steps was skipped
-      enter_stage(name, s_start, s_end)
-    rng = jax.random.fold_in(base_rng, step)
-    t0 = time.perf_counter()
-    if stage == "sft":
-      batch = next(iters["sft"]).arrays
-      if step == config.debug.nan_at_step:
-        batch["vision"].pixel_values[:] = np.nan
-      state, m = update(state, put(batch), rng)
-      m = metrics_lib.scalars(jax.device_get(m))
+  preemption = Preemption()
+  preempted = False
+  try:
+    while step < total_steps:
+      _test_signal_hook(step)
+      t0 = time.perf_counter()
+      state, m = learner.step(state, jax.random.fold_in(base_rng, step))
       m["time/step"] = time.perf_counter() - t0
-    else:
-      state, m = rl.iteration(
-          config,
-          stage_cfg,
-          state=state,
-          graphdef=graphdef,
-          update=update,
-          analyze=analyze,
-          ref_logprobs=ref_logprobs,
-          ref_holder=ref_holder,
-          prompts=iters["rl"],
-          processor=processor,
-          engine=engine,
-          model_config=model_config,
-          buckets=buckets,
-          rng=rng,
-          put=put,
-          black=black,
-          step=step,
-      )
-    loss = m.get("loss", 0.0)
-    if not math.isfinite(loss):
-      ckpts.wait()
-      last = ckpts.latest_step()
-      raise RunStopped(
-          f"non-finite loss ({loss}) at step {step} ({stage}); stopping"
-          " without saving. The last good checkpoint"
-          f" ({'none' if last is None else f'step {last}'}) is untouched."
-          " Lower the learning rate or check the data, then rerun."
-      )
-    step += 1
-    bar.update(1)
-    if step % config.log_every == 0 or step == s_end:
-      m["stage_" + stage] = 1.0
-      m["steps_per_sec"] = config.log_every / max(
-          time.perf_counter() - t_last, 1e-9
-      )
-      t_last = time.perf_counter()
-      writer.write(step, m, split="train")
-      bar.set_postfix(
-          {k: f"{m[k]:.3g}" for k in ("loss", "reward", "accuracy") if k in m}
-      )
-    boundary = step == s_end
-    if boundary:  # held-out table entry: the test split, same examples
-      results[stage] = _eval_summary(run_eval(*table_split))
-      writer.write(
-          step, metrics_lib.scalars(results[stage]), split=table_split[0]
-      )
-      tqdm.tqdm.write(
-          f"[eval] after {stage} (step {step}):"
-          f" accuracy {results[stage].get('accuracy', float('nan')):.3f}"
-      )
-    elif config.eval.every and step % config.eval.every == 0:
-      ev = _eval_summary(run_eval("eval", config.eval.num_examples))
-      writer.write(step, metrics_lib.scalars(ev), split="eval")
-      tqdm.tqdm.write(
-          f"[eval] step {step}: accuracy {ev.get('accuracy', float('nan')):.3f}"
-      )
-    kill_at = os.environ.get("FAITHFUL_RL_TEST_KILL_AT_STEP")
-    if kill_at and int(kill_at) == step:  # test hook: die mid-training
-      writer.flush()
-      os.kill(os.getpid(), signal.SIGKILL)
-    if boundary and step < total_steps:
-      # Enter the next stage before saving, so that the boundary checkpoint
-      # holds the state a resumed run continues from (its fresh optimizer).
-      enter_stage(*stage_at(step))
-    if boundary or step % config.ckpt.every == 0 or step == total_steps:
-      save(step)
+      loss = m.get("loss", 0.0)
+      if not math.isfinite(loss):
+        ckpts.wait()
+        last = ckpts.latest_step()
+        raise RunStopped(
+            f"non-finite loss ({loss}) at step {step} ({stage}); stopping"
+            " without saving. The last good checkpoint"
+            f" ({'none' if last is None else f'step {last}'}) is untouched."
+            " Lower the learning rate or check the data, then rerun."
+        )
+      step += 1
+      bar.update(1)
+      if step % config.log_every == 0 or step == s_end:
+        m["stage_" + stage] = 1.0
+        m["steps_per_sec"] = config.log_every / max(
+            time.perf_counter() - t_last, 1e-9
+        )
+        t_last = time.perf_counter()
+        writer.write(step, m, split="train")
+        bar.set_postfix(
+            {k: f"{m[k]:.3g}" for k in ("loss", "reward", "accuracy") if k in m}
+        )
+      boundary = step == s_end
+      if boundary:  # held-out table entry: the test split, same examples
+        results[stage] = evaluate(state, *eval_args, *table_split)
+        if results[stage]:
+          writer.write(
+              step, metrics_lib.scalars(results[stage]), table_split[0]
+          )
+        if "accuracy" in results[stage]:
+          acc = results[stage]["accuracy"]
+          tqdm.tqdm.write(
+              f"[eval] after {stage} (step {step}): accuracy {acc:.3f}"
+          )
+      elif config.eval.every and step % config.eval.every == 0:
+        ev = evaluate(state, *eval_args, "eval", config.eval.num_examples)
+        if ev:
+          writer.write(step, metrics_lib.scalars(ev), split="eval")
+        if "accuracy" in ev:
+          tqdm.tqdm.write(f"[eval] step {step}: accuracy {ev['accuracy']:.3f}")
+      if boundary and step < total_steps:
+        # The next stage starts before the boundary checkpoint, so that it
+        # holds the state a resumed run continues from (its fresh optimizer).
+        stage, s_start, s_end = stage_at(plan, step)
+        bar.set_description(stage)
+        tx, shardings, state = enter_stage(stage, plan, config, state,
+                                           graphdef, mesh)  # fmt: skip
+        learner = make_learner(stage, config, tx, shardings, graphdef, data,
+                               iters, mesh, engine)  # fmt: skip
+      preempted = preemption.should_stop() and step < total_steps
+      if (
+          boundary
+          or step % config.ckpt.every == 0
+          or step == total_steps
+          or preempted
+      ):
+        save(ckpts, step, state, iters, results, learner)
+      _test_kill_hook(step, writer, ckpts)
+      if preempted:
+        break
+  finally:  # a notebook keeps its own SIGTERM handling
+    preemption.close()
   bar.close()
   ckpts.wait()
 
@@ -535,19 +498,38 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     it.close()
   writer.close()
   ckpts.close()
+  if preempted:
+    print(
+        f"[preempted] stopped after step {step} of {total_steps}; saved"
+        f" {ckpts.directory}/{step}; rerun the same command to resume."
+    )
+    return {"preempted": step, **results}
   summary = {"chance": chance, "table_split": table_split[0], **results}
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(summary, f, indent=2, default=float)
-  try:
-    metrics_lib.plot_curves(writer.path, os.path.join(workdir, "curves.png"))
-  except ValueError:
-    pass
-  print(_results_table(results, chance))
+  if lead:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(summary, f, indent=2, default=float)
+    try:
+      metrics_lib.plot_curves(writer.path, os.path.join(workdir, "curves.png"))
+    except ValueError:
+      pass
+    print(results_table(results, chance))
   return summary
 
 
-def _eval_summary(ev: dict) -> dict:
-  return {k: v for k, v in ev.items() if k != "samples"}
+def _test_signal_hook(step: int) -> None:
+  """Test hook: a real SIGTERM to this process just before `step` runs."""
+  at = os.environ.get("FAITHFUL_RL_TEST_SIGTERM_AT_STEP")
+  if at and int(at) == step and jax.process_index() == 0:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _test_kill_hook(step: int, writer, ckpts) -> None:
+  """Test hook: SIGKILL (no cleanup) once `step` is logged and saved."""
+  at = os.environ.get("FAITHFUL_RL_TEST_KILL_AT_STEP")
+  if at and int(at) == step:
+    writer.flush()
+    ckpts.wait()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _quiet():

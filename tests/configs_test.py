@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from faithful_rl import models
+from faithful_rl import rl
 from faithful_rl import steps
 from faithful_rl import train
 
@@ -27,8 +28,8 @@ PUBLISHED = {"3b": (3.70e9, 3.80e9), "7b": (8.25e9, 8.35e9)}
 
 def _args(name):
   if name == "demo":
-    return [None, "runlocal"]
-  return ["variant=3b", "variant=7b", "runlocal"]
+    return [None, "demo", "runlocal"]
+  return ["variant=3b", "variant=7b", "demo", "runlocal"]
 
 
 CASES = [(n, a) for n in NAMES for a in _args(n)]
@@ -42,6 +43,8 @@ def test_there_are_configs():
 def test_config_builds_model_and_train_state(name, arg):
   module = importlib.import_module(f"configs.{name}")
   config = module.get_config(arg)
+  rl.check_sizes(config.rl)  # chunks and micro-batches divide the batch
+  assert config.sft.batch_size % config.sft.micro_batch == 0
   model_config = train.model_config_for(config)
   dtype = jnp.dtype(config.model.dtype)
   _, abstract = nnx.eval_shape(
@@ -75,3 +78,56 @@ def test_config_builds_model_and_train_state(name, arg):
     assert moments == 2 * trained
     if frozen:
       assert trained < n
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_demo_and_runlocal_each_mean_one_thing(name):
+  module = importlib.import_module(f"configs.{name}")
+  d, r = module.get_config("demo"), module.get_config("runlocal")
+  # demo: the tiny model from scratch, SFT warm start, then the method.
+  assert d.model.init == "scratch" and d.stages == ("sft", "rl")
+  assert d.rl.steps >= 100 and d.sft.steps >= 100
+  # runlocal: the recipe's own stages and method, a minute on a CPU.
+  assert r.model.init == "scratch" and r.rl.steps <= 2 and r.sft.steps <= 4
+  assert r.model.dtype == "float32" and r.rl.num_prompts <= 4
+  if name != "demo":
+    real = module.get_config("variant=3b")
+    assert r.stages == real.stages
+    assert r.rl.loss == real.rl.loss and r.rl.kl_beta == real.rl.kl_beta
+    for block in ("ease", "reinforce", "vppo"):
+      assert r.rl[block].enabled == real.rl[block].enabled, block
+  rl.check_sizes(d.rl)
+  rl.check_sizes(r.rl)
+  assert "algorithm" not in r.rl  # the policy loss is chosen by rl.loss
+  steps.RLConfig.from_config(r.rl)  # every switch present, no unknown key
+
+
+def test_runlocal_with_a_checkpoint_keeps_it():
+  from configs import qwen2_5_vl_ease  # pylint: disable=g-import-not-at-top
+
+  c = qwen2_5_vl_ease.get_config("variant=3b,hf_dir=/ckpt/q3b,runlocal")
+  assert c.model.init == "hf" and c.model.hf_dir == "/ckpt/q3b"
+  assert c.rl.ease.enabled and c.rl.steps <= 2 and c.rl.num_prompts <= 4
+  with pytest.raises(ValueError, match="drop hf_dir"):
+    qwen2_5_vl_ease.get_config("demo,hf_dir=/ckpt/q3b")
+
+
+@pytest.mark.parametrize(
+    "arg,match",
+    [
+        ("varaint=3b", "unknown config argument 'varaint'"),
+        ("variant=3b,runloacl", "unknown config argument 'runloacl'"),
+        ("variant=13b", "variant must be 3b or 7b"),
+        ("runlocal=maybe", "runlocal='maybe' is not a boolean"),
+        ("hf_dir", "needs a value"),
+    ],
+)
+def test_misspelled_config_arguments_raise_naming_them(arg, match):
+  from configs import qwen2_5_vl_dapo  # pylint: disable=g-import-not-at-top
+
+  with pytest.raises(ValueError, match=match):
+    qwen2_5_vl_dapo.get_config(arg)
+  from configs import demo  # pylint: disable=g-import-not-at-top
+
+  with pytest.raises(ValueError, match="unknown config argument 'runlcoal'"):
+    demo.get_config("runlcoal")

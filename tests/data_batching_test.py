@@ -71,7 +71,7 @@ def test_collate_pads_into_buckets(processor, config, records):
     np.testing.assert_array_equal(a["vision"].token_valid[i].sum(), v)
   # Counterfactual vision shares the layout, not the pixels.
   np.testing.assert_array_equal(
-      a["cf_vision"].window_perm, a["vision"].window_perm
+      a["cf_vision"].patch_index, a["vision"].patch_index
   )
   assert batch.meta["ids"] == [e.id for e in exs]
   assert batch.meta["answers"] == [e.answer for e in exs]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from faithful_rl.data.processing import Example
+
 from faithful_rl.models.config import ModelConfig
 from faithful_rl.models.config import TextConfig
 from faithful_rl.models.config import VisionConfig
@@ -74,3 +76,32 @@ def random_text(rng, n: int) -> list[int]:
 def random_pixels(rng, grids, patch_dim: int = 1176) -> np.ndarray:
   n = sum(t * h * w for t, h, w in grids)
   return rng.standard_normal((n, patch_dim)).astype(np.float32)
+
+
+def example(rng, name, grids, n_before, n_after, **fields) -> Example:
+  """A processed example: random text, its images, random text.
+
+  Uniform EASE / focus targets, no boxes, no answer unless `fields` say.
+  """
+  prompt = random_text(rng, n_before)
+  for g in grids:
+    prompt += image_tokens(g) + random_text(rng, n_after)
+  v = sum(t * h * w for t, h, w in grids) // 4
+  values = dict(
+      id=name,
+      prompt_ids=np.asarray(prompt, np.int32),
+      pixel_values=random_pixels(rng, grids),
+      cf_pixel_values=random_pixels(rng, grids),
+      image_grid_thw=np.asarray(grids, np.int64).reshape(-1, 3),
+      ease_target=np.full((v,), 1.0 / max(v, 1), np.float32),
+      focus_target=np.full((v,), 1.0 / max(v, 1), np.float32),
+      evidence_mask=np.zeros((v,), bool),
+      has_boxes=False,
+      response_ids=np.asarray([2], np.int32),
+      boxes_tok=np.zeros((0, 4), np.float32),
+      box_image=0,
+      answer="",
+      answer_type="text",
+  )
+  values.update(fields)
+  return Example(**values)

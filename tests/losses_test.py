@@ -109,6 +109,88 @@ def test_clip_metrics_and_batch():
   close(m["pg_loss"], loss)
 
 
+def test_dual_clip_caps_negative_advantage_losses():
+  # A = -2, eps 0.2 / 0.28, c = 3. Ratio 5: PPO's loss -min(5 * -2, 1.28 *
+  # -2) = 10 > c |A| = 6, capped at 6 with no gradient. Ratio 2.5: 5 < 6,
+  # untouched, gradient r |A| = 5. Positive A is never capped.
+  def f(ratio, adv, c):
+    return losses.policy_loss(
+        logp=jnp.full((1, 1), jnp.log(ratio)),
+        old_logp=jnp.zeros((1, 1)),
+        advantages=jnp.array([adv]),
+        mask=jnp.ones((1, 1)),
+        clip_low=0.2,
+        clip_high=0.28,
+        clip_ratio_c=c,
+    )
+
+  grad = lambda ratio, adv, c: jax.grad(
+      lambda lp: losses.policy_loss(
+          logp=lp, old_logp=jnp.zeros((1, 1)), advantages=jnp.array([adv]),
+          mask=jnp.ones((1, 1)), clip_ratio_c=c,
+      )[0]
+  )(jnp.full((1, 1), jnp.log(ratio)))[0, 0]  # fmt: skip
+  loss, m = f(5.0, -2.0, 3.0)
+  close(loss, 6.0)
+  close(m["clip_frac_dual"], 1.0)
+  assert float(grad(5.0, -2.0, 3.0)) == 0.0
+  close(f(5.0, -2.0, 0.0)[0], 10.0)  # off
+  close(grad(5.0, -2.0, 0.0), 10.0)
+  close(f(2.5, -2.0, 3.0)[0], 5.0)
+  close(grad(2.5, -2.0, 3.0), 5.0)
+  close(f(5.0, 2.0, 3.0)[0], -2.56)  # A > 0: the usual clip only
+  with pytest.raises(ValueError, match="clip_ratio_c"):
+    f(1.0, 1.0, 0.5)
+
+
+def test_normalizer_makes_micro_batch_losses_add_up():
+  rng = np.random.default_rng(0)
+  logp = jnp.asarray(rng.normal(size=(6, 5)) - 2.0, jnp.float32)
+  old = jnp.asarray(rng.normal(size=(6, 5)) - 2.0, jnp.float32)
+  adv = jnp.asarray(rng.normal(size=6), jnp.float32)
+  mask = jnp.asarray(np.arange(5)[None] < np.array([5, 2, 0, 4, 1, 3])[:, None])
+  for agg, norm in (
+      ("token-mean", float(mask.sum())),
+      ("seq-mean-token-mean", 5.0),  # one response has no token
+      ("seq-mean-token-sum", 5.0),
+  ):
+    kw = dict(aggregation=agg, clip_low=0.2, clip_high=0.28)
+    full, _ = losses.policy_loss(
+        logp=logp, old_logp=old, advantages=adv, mask=mask, **kw
+    )
+    parts = sum(
+        losses.policy_loss(
+            logp=logp[s], old_logp=old[s], advantages=adv[s], mask=mask[s],
+            normalizer=norm, **kw,
+        )[0]
+        for s in (slice(0, 2), slice(2, 3), slice(3, 6))
+    )  # fmt: skip
+    close(parts, full, tol=1e-6)
+
+
+def test_registry_picks_losses_by_name():
+  assert losses.get("policy", "dapo") is losses.dapo_loss
+  assert losses.get("policy", "grpo") is losses.grpo_loss
+  assert losses.get("attention", "ease") is losses.ease_loss
+  with pytest.raises(KeyError, match="no policy loss named 'dpo'.*dapo"):
+    losses.get("policy", "dpo")
+
+  @losses.register("policy", "test_half_dapo")
+  def half(**kw):
+    loss, m = losses.dapo_loss(**kw)
+    return 0.5 * loss, m
+
+  kw = dict(
+      logp=jnp.zeros((1, 2)),
+      old_logp=jnp.zeros((1, 2)),
+      advantages=jnp.ones(1),
+      mask=jnp.ones((1, 2)),
+  )
+  close(losses.get("policy", "test_half_dapo")(**kw)[0], -0.5)
+  with pytest.raises(ValueError, match="kind"):
+    losses.register("value", "x", half)
+
+
 def test_grpo_vs_dapo_clip_defaults():
   kw = dict(
       logp=jnp.full((1, 1), math.log(1.25)),

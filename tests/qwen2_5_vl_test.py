@@ -148,7 +148,9 @@ def test_round_trip_through_transformers(pair, tmp_path):
   from transformers import Qwen2_5_VLForConditionalGeneration
 
   config, hf, _, model = pair
-  files = models.save_pretrained(model, str(tmp_path), max_shard_bytes=200_000)
+  files = models.save_pretrained(
+      model, str(tmp_path), dtype=None, max_shard_bytes=200_000
+  )
   assert len(files) > 1  # exercises the sharded index
   index = json.load(open(tmp_path / "model.safetensors.index.json"))
   assert set(index["weight_map"].values()) == set(files)
@@ -173,7 +175,10 @@ def test_orbax_cli_round_trip(pair, tmp_path):
 
   _, _, hf_dir, model = pair
   convert_hf.main(["to-orbax", hf_dir, str(tmp_path / "orbax")])
-  convert_hf.main(["to-hf", str(tmp_path / "orbax"), str(tmp_path / "hf")])
+  convert_hf.main([
+      "to-hf", str(tmp_path / "orbax"), str(tmp_path / "hf"),
+      "--dtype=float32",
+  ])  # fmt: skip
   again = models.from_pretrained(str(tmp_path / "hf"))
   for x, y in zip(jax.tree.leaves(model), jax.tree.leaves(again)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -221,7 +226,8 @@ def _naive_probe(model, ids, mask, pos, vis, probe, layer):
   key_mask = jnp.asarray(mask, bool)
   b, t = ids.shape
   causal = jnp.tril(jnp.ones((t, t), bool))[None] & key_mask[:, None, :]
-  for i, lyr in enumerate(model.language_model.layers):
+  for i in range(cfg.num_hidden_layers):
+    lyr = model.language_model.layer(i)
     if i == layer:
       h = lyr.input_layernorm(x)
       attn = lyr.self_attn
@@ -241,7 +247,6 @@ def _naive_probe(model, ids, mask, pos, vis, probe, layer):
       )
       return (cols * probe.key_valid[:, None, None, :]).mean(1), full
     ctx = qwen2_5_vl._Context(
-        mask=causal,
         key_mask=key_mask,
         query_slots=jnp.broadcast_to(jnp.arange(t)[None], (b, t)),
         cache_index=0,
@@ -462,7 +467,9 @@ def test_bad_checkpoints_name_the_file_and_tensor(pair, tmp_path):
   _, _, hf_dir, model = pair
   # Missing shard.
   sharded = tmp_path / "sharded"
-  files = models.save_pretrained(model, str(sharded), max_shard_bytes=200_000)
+  files = models.save_pretrained(
+      model, str(sharded), dtype=None, max_shard_bytes=200_000
+  )
   os.remove(sharded / files[1])
   with pytest.raises(models.CheckpointError, match=files[1]):
     models.from_pretrained(str(sharded))
@@ -478,7 +485,7 @@ def test_bad_checkpoints_name_the_file_and_tensor(pair, tmp_path):
   from faithful_rl.models import safetensors_io
 
   bad = tmp_path / "bad"
-  models.save_pretrained(model, str(bad))
+  models.save_pretrained(model, str(bad), dtype=None)
   with safetensors_io.SafetensorsFile(str(bad / "model.safetensors")) as f:
     tensors = [(k, np.array(f.get(k))) for k in f.keys()]
   name = "model.layers.1.self_attn.k_proj.weight"

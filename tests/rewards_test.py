@@ -7,7 +7,6 @@ import threading
 import numpy as np
 import pytest
 
-from faithful_rl import losses
 from faithful_rl import rewards
 
 
@@ -158,43 +157,22 @@ def test_format_reward(response, kwargs, want):
   assert rewards.format_reward(response, **kwargs) == want
 
 
-def test_overlong_twin_matches_losses():
-  lengths = [0, 15, 16, 17, 18, 20, 21, 100]
-  want = losses.overlong_penalty(
-      lengths=np.array(lengths), max_len=20, cache_len=4
-  )
-  got = [rewards.overlong_shaping(n, 20, 4) for n in lengths]
-  np.testing.assert_allclose(got, want, atol=1e-7)
-  assert got[3] == -0.25 and got[5] == -1.0 and got[2] == 0.0
-
-
 def test_reward_fn_composition():
   out = rewards.reward_fn(
       "\\boxed{12}",
       "12",
       "number",
-      length=18,
-      max_len=20,
-      cache_len=4,
       format_weight=0.5,
   )
-  assert out == {
-      "reward": 1.0 + 0.5 - 0.5,
-      "correct": 1.0,
-      "format": 1.0,
-      "overlong": -0.5,
-  }
+  assert out == {"reward": 1.0 + 0.5, "correct": 1.0, "format": 1.0}
   out = rewards.reward_fn("12 \\boxed{11} \\boxed{12}", "12", "number")
   assert out["reward"] == 1.0 and out["format"] == 0.0  # weight 0 by default
   batch = rewards.batch_rewards(
       ["\\boxed{12}", "\\boxed{B}", "no answer"],
       ["12", "red", "yes"],
       ["number", "choice", None],
-      lengths=[5, 30, 5],
       choices=[None, ["blue", "red"], None],
-      max_len=20,
-      cache_len=4,
   )
   np.testing.assert_allclose(batch["correct"], [1.0, 1.0, 0.0])
-  np.testing.assert_allclose(batch["reward"], [1.0, 0.0, 0.0])
+  np.testing.assert_allclose(batch["reward"], [1.0, 1.0, 0.0])
   assert batch["reward"].dtype == np.float32

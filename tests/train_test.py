@@ -1,8 +1,10 @@
-"""The trainer end to end on `runlocal`: exact resume, crash safety, errors.
+"""The trainer end to end on `runlocal`: exact resume, crash safety,
+preemption, errors, a loss chosen by name.
 
-Each run is a subprocess of `python -m faithful_rl.train` (a SIGKILL has to
-hit a real process). A persistent compilation cache shared by the runs
-keeps them at a few seconds each after the first.
+Most runs are subprocesses of `python -m faithful_rl.train` (a SIGKILL or
+SIGTERM has to hit a real process). A persistent compilation cache shared
+by the runs keeps them at a few seconds each after the first. All are
+marked slow (`pytest -m "not slow"` skips them); `make test` runs them.
 """
 
 import json
@@ -15,6 +17,8 @@ import sys
 import jax
 import numpy as np
 import pytest
+
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "--config=configs/demo.py:runlocal"
@@ -181,3 +185,81 @@ def test_incompatible_workdir_is_refused(finished, tmp_path):
   assert "different model" in proc.stderr
   assert "model.scratch.text.hidden_size: 128 -> 64" in proc.stderr
   assert _checkpoint_files(workdir) == before
+
+
+def test_sigterm_finishes_the_step_saves_and_resumes_bitwise(
+    finished, tmp_path
+):
+  ref_dir, _ = finished
+  workdir = str(tmp_path / "preempted")
+  # A real SIGTERM reaches the process just before step 4 (the first RL
+  # step) runs: it finishes that step, saves step 5, and exits 0.
+  proc = _run(workdir, env={"FAITHFUL_RL_TEST_SIGTERM_AT_STEP": "4"})
+  assert "[preempted] stopped after step 5 of 6" in proc.stdout
+  assert "rerun the same command to resume" in proc.stdout
+  from faithful_rl import checkpointing
+
+  ckpts = checkpointing.Checkpoints(workdir)
+  assert ckpts.latest_step() == 5
+  ckpts.close()
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  resumed = _run(workdir)
+  assert "[resume]" in resumed.stdout and "step 5" in resumed.stdout
+  step, params = _final_params(workdir)
+  ref_step, ref = _final_params(ref_dir)
+  assert step == ref_step == 6
+  for k in ref:
+    np.testing.assert_array_equal(params[k], ref[k], err_msg=k)
+
+
+class _FakeWandb:
+  """Stands in for the `wandb` module: records what the writer sends."""
+
+  def __init__(self):
+    self.inits, self.logs, self.finished = [], [], 0
+
+  def init(self, **kwargs):
+    self.inits.append(kwargs)
+    return self
+
+  id = "run123"
+
+  def log(self, row, step):
+    self.logs.append((step, row))
+
+  def finish(self):
+    self.finished += 1
+
+
+def test_a_registered_loss_trains_by_its_name(tmp_path, monkeypatch):
+  """A loss registered here is picked by --config.rl.loss; W&B gets the
+  metrics when a project is named (a stand-in module: optional package)."""
+  from configs import qwen2_5_vl_dapo
+  from faithful_rl import losses
+  from faithful_rl import train
+
+  calls = []
+
+  @losses.register("policy", "test_scaled_dapo")
+  def scaled(**kwargs):
+    calls.append(1)
+    loss, metrics = losses.dapo_loss(**kwargs)
+    return 2.0 * loss, dict(metrics, marker=jax.numpy.float32(7.0))
+
+  fake = _FakeWandb()
+  monkeypatch.setitem(sys.modules, "wandb", fake)
+  config = qwen2_5_vl_dapo.get_config("runlocal")
+  config.rl.loss = "test_scaled_dapo"
+  config.rl.steps = 1
+  config.data.eval_split = config.data.test_split = "none"
+  config.wandb.project = "faithful_rl_test"
+  workdir = str(tmp_path / "registered")
+  train.train(config, workdir)
+  assert calls  # traced into the update
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  train_rows = [r for r in rows if r["split"] == "train"]
+  assert train_rows[-1]["marker"] == 7.0 and train_rows[-1]["step"] == 1
+  assert fake.inits[0]["project"] == "faithful_rl_test"
+  assert fake.logs == [(1, {k: v for k, v in fake.logs[0][1].items()})]
+  assert fake.logs[0][1]["train/marker"] == 7.0 and fake.finished == 1
+  assert open(os.path.join(workdir, "wandb_id")).read() == "run123"

@@ -29,7 +29,7 @@ def test_add_focus_grows_and_mean_initialises(tmp_path):
   np.testing.assert_allclose(head2[:, ids[1]], head.mean(1), atol=1e-6)
   assert model2.config.text.vocab_size == tok_len + 1
   # Saved back, transformers loads it and agrees on the new token's logits.
-  models.save_pretrained(model2, str(tmp_path))
+  models.save_pretrained(model2, str(tmp_path), dtype=None)
   from transformers import Qwen2_5_VLForConditionalGeneration
 
   hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path)).eval()

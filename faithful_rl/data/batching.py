@@ -45,6 +45,7 @@ import numpy as np
 from faithful_rl.data.processing import Example
 from faithful_rl.models.config import ModelConfig
 from faithful_rl.models.inputs import rope_index
+from faithful_rl.models.inputs import layout_patches
 from faithful_rl.models.inputs import vision_inputs
 
 log = logging.getLogger(__name__)
@@ -85,10 +86,20 @@ def bucket_for(n: int, buckets: Sequence[int], what: str, record_id=None):
   )
 
 
-def check_fits(ex: Example, buckets: Buckets, truncate_response=False):
+def patch_slots(ex: Example, vision_config) -> int:
+  """The patch slots `ex`'s images take in the vision layout (>= patches:
+  partial attention windows are padded, `models.inputs.layout_patches`)."""
+  return layout_patches(ex.grids, vision_config)
+
+
+def check_fits(
+    ex: Example, buckets: Buckets, vision_config, truncate_response=False
+):
   """Raises BucketError when `ex` fits no bucket along some axis."""
   bucket_for(len(ex.prompt_ids), buckets.prompt, "prompt length", ex.id)
-  bucket_for(ex.num_patches, buckets.patches, "image patches", ex.id)
+  bucket_for(
+      patch_slots(ex, vision_config), buckets.patches, "image patches", ex.id
+  )
   if not truncate_response:
     bucket_for(len(ex.response_ids), buckets.response, "response length", ex.id)
 
@@ -133,9 +144,13 @@ def collate(
     pad_id = model_config.pad_token_id
     pad_id = 0 if pad_id is None else pad_id
   for ex in examples:
-    check_fits(ex, buckets, truncate_response)
+    check_fits(ex, buckets, model_config.vision, truncate_response)
   tp = bucket_for(max(len(e.prompt_ids) for e in examples), buckets.prompt, "")
-  p = bucket_for(max(e.num_patches for e in examples), buckets.patches, "")
+  p = bucket_for(
+      max(patch_slots(e, model_config.vision) for e in examples),
+      buckets.patches,
+      "",
+  )
   resp_len = max(len(e.response_ids) for e in examples)
   tr = min(buckets.response[-1], resp_len) if truncate_response else resp_len
   tr = bucket_for(tr, buckets.response, "")
@@ -309,7 +324,9 @@ class BatchIterator(grain.DatasetIterator):
 
   def _keep(self, ex: Example) -> bool:
     try:
-      check_fits(ex, self.buckets, self.truncate_response)
+      check_fits(
+          ex, self.buckets, self.model_config.vision, self.truncate_response
+      )
     except BucketError as e:
       if self.on_overflow == "error":
         raise

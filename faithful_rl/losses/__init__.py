@@ -1,4 +1,4 @@
-"""Pure policy-gradient and attention-supervision losses (METHODS.md 1-5).
+"""Pure policy-gradient and attention-supervision losses (docs/methods.md).
 
 Every loss is a keyword-only pure function returning `(loss, metrics)`,
 with `loss` a float32 scalar and `metrics` a dict of float32 scalars that
@@ -13,12 +13,13 @@ mean) or [B, H, Q, V] (per head), softmax probabilities over every key the
 query sees, not renormalised over the visual columns; padding columns are
 exactly 0.
 
-The EASE target (Gaussian mixture over the merged visual-token grid, METHODS
-3) is built on the host by `faithful_rl.data.targets.ease_target`; the
+The EASE target (Gaussian mixture over the merged visual-token grid,
+docs/methods.md 3) is built on the host by `faithful_rl.data.targets.ease_target`; the
 losses here take it as an input array.
 
 Modules: `reductions`, `policy` (GRPO/DAPO), `attention` (EASE,
-Faithful-MR1), `vppo`. Every public name is importable from here.
+Faithful-MR1), `vppo`, and `registry` (losses chosen by name in the
+config: `register`, `get`). Every public name is importable from here.
 """
 
 from faithful_rl.data.targets import ease_target
@@ -27,6 +28,7 @@ from faithful_rl.losses.attention import attention_diagnostics
 from faithful_rl.losses.attention import attention_kl
 from faithful_rl.losses.attention import attention_mass_reward
 from faithful_rl.losses.attention import causal_effect
+from faithful_rl.losses.attention import ease_counted
 from faithful_rl.losses.attention import ease_loss
 from faithful_rl.losses.attention import sample_query_rows
 from faithful_rl.losses.attention import trajectory_attention
@@ -43,6 +45,8 @@ from faithful_rl.losses.policy import token_logprobs
 from faithful_rl.losses.policy import zero_variance_groups
 from faithful_rl.losses.reductions import masked_mean
 from faithful_rl.losses.reductions import masked_sum
+from faithful_rl.losses.registry import get
+from faithful_rl.losses.registry import register
 from faithful_rl.losses.vppo import topk_token_mask
 from faithful_rl.losses.vppo import visual_dependency
 from faithful_rl.losses.vppo import vppo_advantage_scale
@@ -55,8 +59,10 @@ __all__ = [
     "causal_effect",
     "chunked_token_logprobs",
     "dapo_loss",
+    "ease_counted",
     "ease_loss",
     "ease_target",
+    "get",
     "grpo_advantages",
     "grpo_loss",
     "masked_mean",
@@ -64,6 +70,7 @@ __all__ = [
     "overlong_filter_mask",
     "overlong_penalty",
     "policy_loss",
+    "register",
     "sample_query_rows",
     "select_groups",
     "token_entropy",

@@ -1,4 +1,4 @@
-"""Attention supervision: EASE and Faithful-MR1 (METHODS 3-4).
+"""Attention supervision: EASE and Faithful-MR1 (docs/methods.md 3-4).
 
 Attention inputs are the model's probe outputs: float32[B, Q, V] (head
 mean) or [B, H, Q, V] (per head), softmax probabilities over every key the
@@ -24,7 +24,7 @@ _DIRECTIONS = ("target_to_model", "model_to_target")
 
 
 # ------------------------------------------------------------------------------
-# EASE: evidence-anchored attention (METHODS 3).
+# EASE: evidence-anchored attention (docs/methods.md 3).
 # ------------------------------------------------------------------------------
 
 
@@ -112,7 +112,7 @@ def attention_kl(
 ) -> Array:
   """Per-trajectory KL between the target and the attention, float32[B].
 
-  'target_to_model' is KL(t || a) (the default, METHODS 3), mass-covering:
+  'target_to_model' is KL(t || a) (the default, docs/methods.md 3), mass-covering:
   it pushes attention onto every part of the evidence. 'model_to_target'
   is KL(a || t), mode-seeking. The target is renormalised over the valid
   columns (a no-op for a proper target). Without `renormalize`, `a` sums to
@@ -170,6 +170,7 @@ def ease_loss(
     renormalize: bool = True,
     direction: str = "target_to_model",
     eps: float = 1e-8,
+    normalizer: Array | float | None = None,
 ) -> tuple[Array, Metrics]:
   """EASE attention loss: KL averaged over reward-gated trajectories.
 
@@ -193,6 +194,9 @@ def ease_loss(
     tau: reward gate.
     gate: apply the gate.
     renormalize, direction, eps: see `attention_kl`.
+    normalizer: the number of counted trajectories to average over
+      (default: this batch's, `ease_counted(...).sum()`); the whole
+      minibatch's count makes micro-batch losses sum to its loss.
 
   Returns:
     (loss, metrics): gate_coverage (share of trajectories counted),
@@ -202,11 +206,15 @@ def ease_loss(
     inside the evidence), both averaged over trajectories with evidence.
   """
   valid = jnp.asarray(valid).astype(bool)
-  r = jnp.asarray(rewards, jnp.float32)
-  has_t = jnp.any((jnp.asarray(target) > 0) & valid, axis=-1)
-  if target_mask is not None:
-    has_t = has_t & jnp.asarray(target_mask).astype(bool)
-  counted = has_t & (r >= tau) if gate else has_t
+  counted = ease_counted(
+      target=target,
+      valid=valid,
+      rewards=rewards,
+      target_mask=target_mask,
+      tau=tau,
+      gate=gate,
+  )
+  has_t = ease_counted(target=target, valid=valid, target_mask=target_mask)
   att = _head_mean(attention)
   safe = jnp.broadcast_to(valid[:, None, :].astype(jnp.float32), att.shape)
   att_in = jnp.where(counted[:, None, None], att, safe)
@@ -214,7 +222,7 @@ def ease_loss(
   kl = attention_kl(
       attention=att_in, target=target, direction=direction, eps=eps, **kw
   )
-  loss = masked_mean(kl, counted)
+  loss = masked_mean(kl, counted, count=normalizer)
 
   sg = jax.lax.stop_gradient
   kl_all = attention_kl(
@@ -234,13 +242,38 @@ def ease_loss(
   return loss, metrics
 
 
+def ease_counted(
+    *,
+    target: Array,
+    valid: Array,
+    rewards: Array | None = None,
+    target_mask: Array | None = None,
+    tau: float = 0.5,
+    gate: bool = False,
+) -> Array:
+  """bool[B]: the trajectories `ease_loss` supervises.
+
+  Those with a target (mass on valid columns, and `target_mask`), and with
+  `gate`, reward >= tau.
+  """
+  valid = jnp.asarray(valid).astype(bool)
+  counted = jnp.any((jnp.asarray(target) > 0) & valid, axis=-1)
+  if target_mask is not None:
+    counted = counted & jnp.asarray(target_mask).astype(bool)
+  if gate:
+    counted = counted & (jnp.asarray(rewards, jnp.float32) >= tau)
+  return counted
+
+
 def sample_query_rows(
     rng: Array, response_mask: Array, k: int = 64, offset: Array | int = 0
 ) -> tuple[Array, Array]:
   """Up to K response tokens per trajectory, uniformly without replacement.
 
   Args:
-    rng: PRNG key.
+    rng: a PRNG key, or one key per trajectory (key[B]): then each row's
+      draw depends on its own key only, so a row samples the same query
+      rows in any batch or micro-batch.
     response_mask: [B, T] valid response tokens.
     k: K rows per trajectory (static).
     offset: int or int[B] added to the column index, e.g. the position of
@@ -254,7 +287,10 @@ def sample_query_rows(
   """
   m = jnp.asarray(response_mask).astype(bool)
   b, t = m.shape
-  u = jax.random.uniform(rng, (b, t))
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.ndim == 1:
+    u = jax.vmap(lambda key: jax.random.uniform(key, (t,)))(rng)
+  else:
+    u = jax.random.uniform(rng, (b, t))
   keys = jnp.where(m, u, -1.0)
   kk = min(k, t)
   top, idx = jax.lax.top_k(keys, kk)
@@ -271,7 +307,7 @@ def sample_query_rows(
 
 
 # ------------------------------------------------------------------------------
-# Faithful-MR1: anchoring and reinforcing (METHODS 4).
+# Faithful-MR1: anchoring and reinforcing (docs/methods.md 4).
 # ------------------------------------------------------------------------------
 
 
@@ -285,8 +321,9 @@ def anchor_loss(
     renormalize: bool = True,
     direction: str = "target_to_model",
     eps: float = 1e-8,
+    normalizer: Array | float | None = None,
 ) -> tuple[Array, Metrics]:
-  """Faithful-MR1 anchoring loss (METHODS 4).
+  """Faithful-MR1 anchoring loss (docs/methods.md 4).
 
   KL between the <Focus> row's visual attention and the focus target,
   averaged over examples with boxes.
@@ -303,6 +340,8 @@ def anchor_loss(
     example_mask: bool[B] examples to supervise; by default those whose
       target has mass on valid columns.
     renormalize, direction, eps: see `attention_kl`.
+    normalizer: the number of supervised examples to average over
+      (default: this batch's); see `ease_loss`.
 
   Returns:
     (loss, metrics): anchor_kl, anchor_coverage (share supervised),
@@ -327,7 +366,7 @@ def anchor_loss(
       direction=direction,
       eps=eps,
   )
-  loss = masked_mean(kl, has_t)
+  loss = masked_mean(kl, has_t, count=normalizer)
   sg = jax.lax.stop_gradient
   dist = trajectory_attention(
       attention=sg(a), valid=valid, renormalize=renormalize, eps=eps

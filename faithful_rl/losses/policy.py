@@ -1,4 +1,4 @@
-"""Policy-gradient losses: GRPO, DAPO and their token log-probs (METHODS 1-2).
+"""Policy-gradient losses: GRPO, DAPO and their token log-probs (docs/methods.md 1-2).
 
 Axis alphabet: B responses, T response tokens, D width, V vocabulary, N
 rewards, G group size.
@@ -34,7 +34,7 @@ def grpo_advantages(
     std_mode: str = "sample",
     scale: bool = True,
 ) -> Array:
-  """Group-normalised advantages (METHODS 1).
+  """Group-normalised advantages (docs/methods.md 1).
 
   A_i = (R_i - mean_g R) / (std_g R + eps), or A_i = R_i - mean_g R with
   `scale=False` (Dr.GRPO). A group whose rewards are all equal gets exactly
@@ -98,14 +98,19 @@ def policy_loss(
     ref_logp: Array | None = None,
     kl_beta: float = 0.0,
     token_weights: Array | None = None,
+    clip_ratio_c: float = 3.0,
+    normalizer: Array | float | None = None,
 ) -> tuple[Array, Metrics]:
-  """Clipped surrogate with optional k3 reference KL (METHODS 1, 2, 5).
+  """Clipped surrogate with optional k3 reference KL (docs/methods.md 1, 2).
 
-  Per token: l = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A)
-  + kl_beta * (exp(lp_ref - lp) - (lp_ref - lp) - 1), r = exp(lp - lp_old).
-  `token_weights` multiplies l (pg and KL terms alike) before aggregation
-  without changing the denominators: VPPO's filter passes its 0/1 top-k
-  mask, so unselected tokens get no gradient but still count.
+  Per token: pg = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A), and for
+  A < 0 the dual clip caps it: pg = min(pg, -clip_ratio_c A), so a token
+  whose ratio exploded adds at most c |A| and no gradient (verl and VPPO,
+  c = 3; 0 turns it off). l = pg + kl_beta * (exp(lp_ref - lp) - (lp_ref -
+  lp) - 1), r = exp(lp - lp_old). `token_weights` multiplies l (pg and KL
+  terms alike) before aggregation without changing the denominators:
+  VPPO's filter passes its 0/1 top-k mask, so unselected tokens get no
+  gradient but still count.
 
   Aggregations (denominators count mask tokens; responses with no token are
   left out of the response means):
@@ -113,6 +118,9 @@ def policy_loss(
     seq-mean-token-mean: per-response token mean, then mean over responses
       (GRPO).
     seq-mean-token-sum: per-response token sum, then mean over responses.
+  `normalizer` replaces the denominator (total tokens, or responses with a
+  token): given the whole minibatch's count, the losses of its micro-batches
+  sum to the minibatch's loss, so gradient accumulation is exact.
 
   Args:
     logp: float32[B, T] log-probs under the policy being trained.
@@ -125,17 +133,22 @@ def policy_loss(
     ref_logp: float32[B, T] reference-policy log-probs, needed if kl_beta > 0.
     kl_beta: weight of the k3 reference KL.
     token_weights: optional float[B, T] per-token loss weights.
+    clip_ratio_c: the dual-clip constant c (> 1), or 0 for no dual clip.
+    normalizer: the aggregation's denominator (default: this batch's).
 
   Returns:
     (loss, metrics): metrics hold clip_frac_low / clip_frac_high (share of
     tokens where the clipped branch is active, i.e. the gradient is zero),
-    approx_kl (k3 estimate of KL(old || new)), ratio_mean, ratio_max,
-    kl_ref, pg_loss (token mean of the unweighted surrogate).
+    clip_frac_dual (share where the dual clip caps the loss), approx_kl (k3
+    estimate of KL(old || new)), ratio_mean, ratio_max, kl_ref, pg_loss
+    (token mean of the unweighted surrogate).
   """
   if aggregation not in _AGGREGATIONS:
     raise ValueError(f"aggregation must be one of {_AGGREGATIONS}.")
   if kl_beta and ref_logp is None:
     raise ValueError("kl_beta > 0 needs ref_logp.")
+  if clip_ratio_c and clip_ratio_c <= 1.0:
+    raise ValueError(f"clip_ratio_c must be > 1 (or 0: off): {clip_ratio_c}")
   logp = jnp.asarray(logp, jnp.float32)
   old_logp = jnp.asarray(old_logp, jnp.float32)
   mask = jnp.asarray(mask).astype(jnp.float32)
@@ -148,6 +161,11 @@ def policy_loss(
   ratio = jnp.exp(log_ratio)
   clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
   pg = -jnp.minimum(ratio * adv, clipped * adv)
+  dual = jnp.zeros(pg.shape, bool)
+  if clip_ratio_c:
+    cap = -clip_ratio_c * adv
+    dual = (adv < 0) & (pg > cap)
+    pg = jnp.where(dual, cap, pg)
   per_token = pg
   kl_ref = jnp.zeros_like(pg)
   if ref_logp is not None:
@@ -158,18 +176,24 @@ def policy_loss(
     per_token = per_token * jnp.asarray(token_weights, jnp.float32)
 
   if aggregation == "token-mean":
-    loss = masked_sum(per_token, mask) / jnp.maximum(mask.sum(), 1.0)
+    total = masked_sum(per_token, mask)
+    count = mask.sum()
   else:
     seq = masked_sum(per_token, mask, axis=-1)
     lengths = mask.sum(-1)
     if aggregation == "seq-mean-token-mean":
       seq = seq / jnp.maximum(lengths, 1.0)
-    loss = masked_mean(seq, lengths > 0)
+    total = masked_sum(seq, lengths > 0)
+    count = (lengths > 0).sum().astype(jnp.float32)
+  if normalizer is not None:
+    count = jnp.asarray(normalizer, jnp.float32)
+  loss = total / jnp.maximum(count, 1.0)
 
   sg = jax.lax.stop_gradient
   metrics = {
       "clip_frac_low": masked_mean((ratio < 1 - clip_low) & (adv < 0), mask),
       "clip_frac_high": masked_mean((ratio > 1 + clip_high) & (adv > 0), mask),
+      "clip_frac_dual": masked_mean(dual, mask),
       "approx_kl": masked_mean(_k3(-log_ratio), mask),
       "ratio_mean": masked_mean(ratio, mask),
       "ratio_max": jnp.max(jnp.where(mask > 0, ratio, -jnp.inf)),
@@ -187,7 +211,7 @@ def grpo_loss(
     kl_beta: float = 0.04,
     **kwargs: Any,
 ) -> tuple[Array, Metrics]:
-  """`policy_loss` with GRPO's defaults (METHODS 1).
+  """`policy_loss` with GRPO's defaults (docs/methods.md 1).
 
   Symmetric clip 0.2, per-response token mean, k3 reference KL with beta
   0.04 (so `ref_logp` is needed unless `kl_beta=0`).
@@ -209,7 +233,7 @@ def dapo_loss(
     kl_beta: float = 0.0,
     **kwargs: Any,
 ) -> tuple[Array, Metrics]:
-  """`policy_loss` with DAPO's defaults (METHODS 2).
+  """`policy_loss` with DAPO's defaults (docs/methods.md 2).
 
   Clip-higher (0.2, 0.28), token-mean aggregation, no reference KL.
   """
@@ -223,7 +247,7 @@ def dapo_loss(
 
 
 def overlong_penalty(*, lengths: Array, max_len: int, cache_len: int) -> Array:
-  """DAPO soft overlong punishment (METHODS 2), float32 like `lengths`.
+  """DAPO soft overlong punishment (docs/methods.md 2), float32 like `lengths`.
 
   0 if |y| <= L_max - L_cache; ((L_max - L_cache) - |y|) / L_cache if
   L_max - L_cache < |y| <= L_max; -1 if |y| > L_max. With cache_len = 0 the

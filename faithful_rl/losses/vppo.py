@@ -1,4 +1,4 @@
-"""VPPO: visual dependency, top-k token filter, advantage scale (METHODS 5)."""
+"""VPPO: visual dependency, top-k token filter, advantage scale (docs/methods.md 5)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ Array = jax.Array
 
 
 # ------------------------------------------------------------------------------
-# VPPO (METHODS 5).
+# VPPO (docs/methods.md 5).
 # ------------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from faithful_rl.models.convert_hf import load_orbax
 from faithful_rl.models.convert_hf import save_orbax
 from faithful_rl.models.convert_hf import save_pretrained
 from faithful_rl.models.inputs import VisionInputs
+from faithful_rl.models.inputs import layout_patches
 from faithful_rl.models.inputs import rope_index
 from faithful_rl.models.inputs import vision_inputs
 from faithful_rl.models.qwen2_5_vl import AttentionProbe
@@ -25,13 +26,20 @@ from faithful_rl.models.qwen2_5_vl import Qwen2_5_VL
 from faithful_rl.models.qwen2_5_vl import visual_token_positions
 
 
-def create(config: ModelConfig, *, dtype=None, seed: int = 0):
-  """A randomly initialised model of `config.family`."""
+def create(config: ModelConfig, *, dtype=None, seed: int = 0, **options):
+  """A randomly initialised model of `config.family`.
+
+  `options`: `param_dtype` (default `dtype`), `remat`, `attention`,
+  `scan_layers` (see `Qwen2_5_VL`).
+  """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  from faithful_rl.models.convert_hf import model_class  # pylint: disable=g-import-not-at-top
+  from faithful_rl.models import convert_hf  # pylint: disable=g-import-not-at-top
 
-  return model_class(config)(
-      config, dtype=dtype or jnp.float32, rngs=nnx.Rngs(seed)
+  return convert_hf.model_class(config)(
+      config,
+      dtype=dtype or jnp.float32,
+      rngs=nnx.Rngs(seed),
+      **convert_hf.model_options(**options),
   )

@@ -73,6 +73,16 @@ class VisionConfig:
     side = (self.window_size // m // self.patch_size) * m
     return side * side
 
+  @property
+  def has_windows(self) -> bool:
+    """Whether some block uses window attention."""
+    return any(i not in self.fullatt_block_indexes for i in range(self.depth))
+
+  @property
+  def slot_multiple(self) -> int:
+    """A patch bucket is a multiple of this (whole attention windows)."""
+    return self.window_patches if self.has_windows else self.merge_unit
+
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:

@@ -68,10 +68,28 @@ def model_class(config: ModelConfig):
 # The name mapping.
 # ---------------------------------------------------------------------------
 
+# Stacked modules: their parameters carry a leading layer axis; HF stores
+# one tensor per layer, numbered after this path component.
+STACKED = {("language_model", "layers"), ("visual", "blocks")}
 
-def hf_name(path: Path) -> str:
-  """Our parameter path -> the published HF tensor name."""
+
+def stacked_axis(path: Path) -> int | None:
+  """Where the layer number goes in the HF name, or None (not stacked)."""
+  parts = tuple(str(p) for p in path)
+  for i in range(len(parts) - 1):
+    if parts[i : i + 2] in STACKED:
+      return i + 2
+  return None
+
+
+def hf_name(path: Path, layer: int | None = None) -> str:
+  """Our parameter path (+ its layer, if stacked) -> the published name."""
   parts = [str(p) for p in path]
+  at = stacked_axis(path)
+  if at is not None:
+    if layer is None:
+      raise ValueError(f"{'/'.join(parts)} is stacked: name a layer")
+    parts.insert(at, str(layer))
   root = {"visual": "visual", "language_model": "model", "lm_head": "lm_head"}
   parts[0] = root[parts[0]]
   if parts[-2:] == ["patch_embed", "kernel"]:
@@ -80,6 +98,13 @@ def hf_name(path: Path) -> str:
     parts[-1] = "weight"
   parts = [re.sub(r"^mlp_(\d+)$", r"mlp.\1", p) for p in parts]
   return ".".join(parts)
+
+
+def hf_names(path: Path, shape: tuple[int, ...]) -> list[str]:
+  """Every HF tensor name of one of our parameters (one per layer)."""
+  if stacked_axis(path) is None:
+    return [hf_name(path)]
+  return [hf_name(path, i) for i in range(shape[0])]
 
 
 def normalize_hf_name(name: str) -> str:
@@ -96,7 +121,7 @@ def _is_patch_embed(path: Path) -> bool:
 
 
 def to_hf_layout(path: Path, x: np.ndarray, config: ModelConfig) -> np.ndarray:
-  """Our array -> the HF tensor."""
+  """One layer's array of ours -> the HF tensor."""
   if _is_patch_embed(path):
     v = config.vision
     return x.T.reshape(
@@ -112,7 +137,7 @@ def to_hf_layout(path: Path, x: np.ndarray, config: ModelConfig) -> np.ndarray:
 
 
 def from_hf_layout(path: Path, x: np.ndarray) -> np.ndarray:
-  """The HF tensor -> our array."""
+  """The HF tensor -> one layer's array of ours."""
   if _is_patch_embed(path):
     return x.reshape(x.shape[0], -1).T
   if str(path[-1]) == "kernel":
@@ -121,6 +146,9 @@ def from_hf_layout(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def hf_shape(path: Path, shape: tuple[int, ...], config) -> tuple[int, ...]:
+  """The HF tensor shape of one layer of a parameter of `shape`."""
+  if stacked_axis(path) is not None:
+    shape = shape[1:]
   if _is_patch_embed(path):
     v = config.vision
     return (
@@ -168,9 +196,59 @@ def weight_files(hf_dir: str) -> dict[str, list[str]]:
   )
 
 
-def abstract_model(config: ModelConfig, dtype=jnp.float32):
+def model_options(
+    *, param_dtype=None, remat="none", attention="auto", scan_layers=True
+) -> dict[str, Any]:
+  """The constructor options every model class takes besides its config."""
+  return dict(
+      param_dtype=param_dtype,
+      remat=remat,
+      attention=attention,
+      scan_layers=scan_layers,
+  )
+
+
+def options_of(model: nnx.Module) -> dict[str, Any]:
+  """The constructor options `model` was built with."""
+  return model_options(
+      param_dtype=model.param_dtype,
+      remat=model.remat,
+      attention=model.attention,
+      scan_layers=model.scan_layers,
+  )
+
+
+def abstract_model(config: ModelConfig, dtype=jnp.float32, **options):
   cls = model_class(config)
-  return nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  opts = model_options(**options)
+  return nnx.eval_shape(
+      lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0), **opts)
+  )
+
+
+class _Tensors:
+  """Where each HF tensor of a checkpoint lies; shards opened lazily."""
+
+  def __init__(self, hf_dir: str):
+    self.hf_dir = hf_dir
+    self.where: dict[str, tuple[str, str]] = {}  # name -> (file, raw name)
+    self._open: dict[str, safetensors_io.SafetensorsFile] = {}
+
+  def file(self, fname: str) -> safetensors_io.SafetensorsFile:
+    if fname not in self._open:
+      self._open[fname] = safetensors_io.SafetensorsFile(
+          os.path.join(self.hf_dir, fname)
+      )
+    return self._open[fname]
+
+  def get(self, name: str) -> np.ndarray:
+    fname, raw = self.where[name]
+    return self.file(fname).get(raw)
+
+  def close(self):
+    for f in self._open.values():
+      f.close()
+    self._open.clear()
 
 
 def from_pretrained(
@@ -178,28 +256,36 @@ def from_pretrained(
     dtype=jnp.float32,
     *,
     sharding: ShardingFn | None = None,
+    **options,
 ) -> nnx.Module:
   """Loads a local HF Qwen-VL folder (family read from config.json).
 
   Args:
     hf_dir: folder with config.json and *.safetensors (sharded or not).
-    dtype: parameter and activation dtype (e.g. jnp.bfloat16).
+    dtype: compute dtype (e.g. jnp.bfloat16).
     sharding: optional (path, shape) -> jax.sharding.Sharding, to place
-      each parameter directly where it lives.
+      each parameter directly where it lives: every device (every host)
+      reads only its own slice of each tensor from the memory-mapped files.
+    **options: `param_dtype` (storage dtype, default `dtype`), `remat`,
+      `attention`, `scan_layers` (see the model class).
 
   Returns:
     The model, with `model.config` read from `config.json`.
   """
   config = read_config(hf_dir)
-  graphdef, state = nnx.split(abstract_model(config, dtype))
+  graphdef, state = nnx.split(abstract_model(config, dtype, **options))
   flat = dict(nnx.to_flat_state(state))
-  expected = {hf_name(p): p for p in flat}
+  expected = {}
+  for path, var in flat.items():
+    for name in hf_names(path, var.shape):
+      expected[name] = path
   tied = config.text.tie_word_embeddings
-  values: dict[Path, jax.Array] = {}
+  tensors = _Tensors(hf_dir)
   unexpected = []
-  for fname in sorted(weight_files(hf_dir)):
-    fpath = os.path.join(hf_dir, fname)
-    with safetensors_io.SafetensorsFile(fpath) as f:
+  try:
+    for fname in sorted(weight_files(hf_dir)):
+      f = tensors.file(fname)
+      fpath = os.path.join(hf_dir, fname)
       for raw in f.keys():
         name = normalize_hf_name(raw)
         if name not in expected:
@@ -208,36 +294,55 @@ def from_pretrained(
           unexpected.append(f"{raw} ({fname})")
           continue
         path = expected[name]
-        var = flat[path]
-        want = hf_shape(path, var.shape, config)
+        want = hf_shape(path, flat[path].shape, config)
         if f.shape(raw) != want:
           raise CheckpointError(
               f"{fpath}: tensor {raw!r} has shape {list(f.shape(raw))},"
               f" expected {list(want)} from config.json"
           )
-        # A private copy: the memory map must not outlive this shard.
-        arr = np.array(from_hf_layout(path, f.get(raw)), dtype=var.dtype)
-        shard = sharding(path, arr.shape) if sharding else None
-        values[path] = (
-            jax.device_put(arr, shard)
-            if shard is not None
-            else jnp.asarray(arr)
-        )
-        del arr
-  if unexpected:
-    raise CheckpointError(
-        f"{hf_dir}: {len(unexpected)} tensors not part of a"
-        f" {config.family} model: {', '.join(unexpected[:5])}"
-    )
-  missing = [hf_name(p) for p in flat if p not in values]
-  if missing:
-    raise CheckpointError(
-        f"{hf_dir}: {len(missing)} tensors missing from the checkpoint:"
-        f" {', '.join(missing[:5])}"
-    )
-  for path, var in flat.items():
-    var.value = values[path]
+        tensors.where[name] = (fname, raw)
+    if unexpected:
+      raise CheckpointError(
+          f"{hf_dir}: {len(unexpected)} tensors not part of a"
+          f" {config.family} model: {', '.join(unexpected[:5])}"
+      )
+    missing = [name for name in expected if name not in tensors.where]
+    if missing:
+      raise CheckpointError(
+          f"{hf_dir}: {len(missing)} tensors missing from the checkpoint:"
+          f" {', '.join(missing[:5])}"
+      )
+    for path, var in flat.items():
+      var.value = _load_param(tensors, path, var, sharding)
+  finally:
+    tensors.close()
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _load_param(tensors: _Tensors, path: Path, var, sharding) -> jax.Array:
+  """One parameter, each device's slice read from the checkpoint."""
+  names = hf_names(path, var.shape)
+  stacked = stacked_axis(path) is not None
+  dtype = var.dtype
+
+  def read(index) -> np.ndarray:
+    # Private copies: nothing may keep a view of the memory-mapped file.
+    if not stacked:
+      return np.array(from_hf_layout(path, tensors.get(names[0]))[index],
+                      dtype)  # fmt: skip
+    layers = range(*index[0].indices(len(names)))
+    rest = tuple(index[1:])
+    return np.stack([
+        np.array(from_hf_layout(path, tensors.get(names[i]))[rest], dtype)
+        for i in layers
+    ])
+
+  shape = tuple(var.shape)
+  full = tuple(slice(None) for _ in shape)
+  shard = sharding(path, shape) if sharding else None
+  if shard is None:
+    return jnp.asarray(read(full))
+  return jax.make_array_from_callback(shape, shard, lambda idx: read(idx))
 
 
 # ---------------------------------------------------------------------------
@@ -249,7 +354,7 @@ def save_pretrained(
     model: nnx.Module,
     out_dir: str,
     *,
-    dtype=None,
+    dtype=jnp.bfloat16,
     max_shard_bytes: int = 2 * 1024**3,
     copy_files_from: str | None = None,
 ) -> list[str]:
@@ -258,7 +363,8 @@ def save_pretrained(
   Args:
     model: a model from this package.
     out_dir: destination folder (created).
-    dtype: cast parameters to this dtype (default: keep).
+    dtype: the dtype to write (bf16 by default, as published checkpoints
+      are; None keeps the parameters' own dtype, e.g. float32 masters).
     max_shard_bytes: shard size; above one shard an index file is written.
     copy_files_from: a HF folder whose tokenizer/processor files to copy.
 
@@ -268,16 +374,20 @@ def save_pretrained(
   config: ModelConfig = model.config
   os.makedirs(out_dir, exist_ok=True)
   flat = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  items = sorted(((hf_name(p), p, v) for p, v in flat), key=lambda t: t[0])
+  items = []  # (name, path, layer or None, var, bytes): one per HF tensor
+  for path, var in flat:
+    stacked = stacked_axis(path) is not None
+    per = var.shape[1:] if stacked else var.shape
+    nbytes = int(np.prod(per)) * np.dtype(dtype or var.dtype).itemsize
+    for i, name in enumerate(hf_names(path, var.shape)):
+      items.append((name, path, i if stacked else None, var, nbytes))
   shards, current, size = [], [], 0
-  for name, path, var in items:
-    itemsize = np.dtype(dtype or var.dtype).itemsize
-    nbytes = int(np.prod(var.shape)) * itemsize
-    if current and size + nbytes > max_shard_bytes:
+  for item in items:
+    if current and size + item[-1] > max_shard_bytes:
       shards.append(current)
       current, size = [], 0
-    current.append((name, path, var))
-    size += nbytes
+    current.append(item)
+    size += item[-1]
   if current:
     shards.append(current)
   names = (
@@ -291,11 +401,13 @@ def save_pretrained(
   weight_map, total = {}, 0
   for fname, shard in zip(names, shards):
     tensors = []
-    for name, path, var in shard:
-      arr = np.asarray(jax.device_get(var[...]))
+    for name, path, layer, var, _ in shard:
+      value = var[...] if layer is None else var[...][layer]
+      arr = np.asarray(jax.device_get(value))
       if dtype is not None:
         arr = arr.astype(dtype)
-      tensors.append((name, to_hf_layout(path, arr, config)))
+      tensors.append((name, np.ascontiguousarray(to_hf_layout(path, arr,
+                                                              config))))  # fmt: skip
       weight_map[name] = fname
       total += arr.nbytes
     safetensors_io.save_file(
@@ -313,7 +425,7 @@ def save_pretrained(
   elif os.path.exists(index):
     os.remove(index)
   hf_config = config.to_hf()
-  hf_config.dtype = str(np.dtype(dtype or model.dtype).name)
+  hf_config.dtype = str(np.dtype(dtype or model.param_dtype).name)
   hf_config.to_json_file(os.path.join(out_dir, "config.json"))
   if copy_files_from:
     copy_aux_files(copy_files_from, out_dir)
@@ -348,14 +460,22 @@ def save_orbax(model: nnx.Module, out_dir: str, hf_dir: str | None = None):
 
 
 def load_orbax(
-    orbax_dir: str, dtype=jnp.float32, *, sharding: ShardingFn | None = None
+    orbax_dir: str,
+    dtype=jnp.float32,
+    *,
+    sharding: ShardingFn | None = None,
+    **options,
 ) -> nnx.Module:
-  """Inverse of `save_orbax` (restores each array onto its sharding)."""
+  """Inverse of `save_orbax` (restores each array onto its sharding).
+
+  `options` as `from_pretrained`'s; the arrays are restored in the saved
+  dtype cast to `param_dtype` (default `dtype`).
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   orbax_dir = os.path.abspath(orbax_dir)
   config = read_config(orbax_dir)
-  graphdef, state = nnx.split(abstract_model(config, dtype))
+  graphdef, state = nnx.split(abstract_model(config, dtype, **options))
   flat = dict(nnx.to_flat_state(state))
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = {}
@@ -375,11 +495,15 @@ def main(argv=None):
   a = sub.add_parser("to-orbax", help="HF folder -> Orbax checkpoint")
   a.add_argument("hf_dir")
   a.add_argument("orbax_dir")
-  a.add_argument("--dtype", default="float32")
+  a.add_argument(
+      "--dtype", default="float32", help="dtype of the stored parameters"
+  )
   b = sub.add_parser("to-hf", help="Orbax checkpoint -> HF folder")
   b.add_argument("orbax_dir")
   b.add_argument("hf_dir")
-  b.add_argument("--dtype", default="float32")
+  b.add_argument(
+      "--dtype", default="bfloat16", help="dtype of the written tensors"
+  )
   args = parser.parse_args(argv)
   dtype = jnp.dtype(args.dtype)
   if args.cmd == "to-orbax":
@@ -387,8 +511,10 @@ def main(argv=None):
     save_orbax(model, args.orbax_dir, hf_dir=args.hf_dir)
     print(f"wrote {args.orbax_dir}")
   else:
-    model = load_orbax(args.orbax_dir, dtype)
-    names = save_pretrained(model, args.hf_dir, copy_files_from=args.orbax_dir)
+    model = load_orbax(args.orbax_dir, jnp.float32)
+    names = save_pretrained(
+        model, args.hf_dir, dtype=dtype, copy_files_from=args.orbax_dir
+    )
     print(f"wrote {args.hf_dir}: {', '.join(names)}")
 
 

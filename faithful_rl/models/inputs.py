@@ -2,19 +2,26 @@
 
 Everything that depends on image sizes is computed here, once per example,
 before the jit boundary: the 3-D M-RoPE position ids, and the vision
-tower's layout (patch order for window attention, segment ids for window
-and full attention, 2-D rotary positions, the inverse permutation of the
-merged tokens). The jitted model then only sees fixed-shape arrays, so an
-example's images may have any sizes as long as they fit the patch bucket.
+tower's layout (which patch fills each slot of the window-padded buffer,
+segment ids, 2-D rotary positions, where each merged token lands). The
+jitted model then only sees fixed-shape arrays, so an example's images may
+have any sizes as long as they fit the patch bucket.
 
-Layout of one example's vision buffer (`P` patches, `V = P / 4` merged
-tokens): the example's images back to back, in the order their
-`<|image_pad|>` runs appear in `input_ids`, then zero padding. Patches come
-in the image processor's order, where each run of 4 consecutive patches is
-one 2x2 merge group (one visual token).
+Pixel buffer of one example (`P` patches): the example's images back to
+back, in the order their `<|image_pad|>` runs appear in `input_ids`, then
+zero padding, in the image processor's patch order (each run of 4
+consecutive patches is one 2x2 merge group, one visual token).
 
-Axis alphabet: B batch, T text positions, P patches, V merged visual
-tokens, M images per example.
+Layout buffer (also `P` slots), what the vision tower computes on: when
+the model has window-attention blocks, every attention window of every
+image frame occupies exactly `window_patches` consecutive slots (its merge
+groups row-major, then padding slots), so a window block is an exact
+[windows, c, c] product; without window blocks, the frames' patches lie
+back to back. A bucket must hold the layout, which is larger than the
+patch count by the edge windows' padding (`layout_patches`).
+
+Axis alphabet: B batch, T text positions, P patches (slots), V merged
+visual tokens, M images per example.
 """
 
 from __future__ import annotations
@@ -36,18 +43,18 @@ class VisionInputs:
 
   Attributes:
     pixel_values: float[B, P, patch_dim], image patches, zero-padded.
-    window_perm: int32[B, P], patch order for window attention.
-    window_seg: int32[B, P], window id per patch, in window order (-1: pad).
-    full_seg: int32[B, P], image id per patch, in window order (-1: pad).
-    rot_pos: int32[B, P, 2], (row, col) of each patch, in window order.
-    merge_restore: int32[B, V], from window order back to image order.
+    patch_index: int32[B, P], the patch (row of pixel_values) in each
+      layout slot (0 in padding slots).
+    patch_seg: int32[B, P], the image frame of each slot (-1: padding).
+    rot_pos: int32[B, P, 2], (row, col) of each slot's patch.
+    merge_restore: int32[B, V], the merged slot (slot // 4) holding each
+      visual token, in image order (V = P // 4).
     token_valid: bool[B, V], real (not padding) merged visual tokens.
   """
 
   pixel_values: np.ndarray
-  window_perm: np.ndarray
-  window_seg: np.ndarray
-  full_seg: np.ndarray
+  patch_index: np.ndarray
+  patch_seg: np.ndarray
   rot_pos: np.ndarray
   merge_restore: np.ndarray
   token_valid: np.ndarray
@@ -67,43 +74,47 @@ def image_token_count(grid_thw, spatial_merge_size: int) -> int:
   return t * h * w // (spatial_merge_size**2)
 
 
-def window_index(grids, vcfg: VisionConfig) -> tuple[np.ndarray, np.ndarray]:
-  """Window order of merged tokens and window lengths (in patches).
-
-  Mirrors `transformers`' `get_vision_window_index`: each image's merged
-  grid is cut into windows of `window_size // merge // patch` tokens a side
-  (the last row and column of windows may be smaller), windows are visited
-  row-major, and tokens row-major inside each window.
-
-  Returns:
-    index: int[n_tokens], merged-token ids in window order.
-    seqlens: int[n_windows], patches per (non-empty) window.
-  """
-  m = vcfg.spatial_merge_size
-  ws = vcfg.window_size // m // vcfg.patch_size
+def window_tokens(vcfg: VisionConfig) -> int:
+  """Merged tokens on a side of one attention window."""
+  ws = vcfg.window_size // vcfg.spatial_merge_size // vcfg.patch_size
   if ws <= 0:
     raise ValueError(
         f"vision window_size={vcfg.window_size} is smaller than one merged"
-        f" token ({m * vcfg.patch_size} px)"
+        f" token ({vcfg.spatial_merge_size * vcfg.patch_size} px)"
     )
-  index, seqlens, offset = [], [], 0
+  return ws
+
+
+def frame_windows(gh: int, gw: int, vcfg: VisionConfig) -> list[np.ndarray]:
+  """Merged-token ids (row-major in the frame) of each attention window.
+
+  As `transformers`' `get_vision_window_index`: windows of `ws` x `ws`
+  tokens visited row-major, tokens row-major inside each, the last row and
+  column of windows possibly smaller. Without window blocks: one window.
+  """
+  ids = np.arange(gh * gw).reshape(gh, gw)
+  if not vcfg.has_windows:
+    return [ids.reshape(-1)]
+  ws = window_tokens(vcfg)
+  return [
+      ids[r : r + ws, c : c + ws].reshape(-1)
+      for r in range(0, gh, ws)
+      for c in range(0, gw, ws)
+  ]
+
+
+def layout_patches(grids, vcfg: VisionConfig) -> int:
+  """Slots the layout of these images needs (a patch bucket must hold it)."""
+  m, unit = vcfg.spatial_merge_size, vcfg.merge_unit
+  total = 0
   for t, h, w in grids:
-    gh, gw = h // m, w // m
-    ids = np.arange(t * gh * gw).reshape(t, gh, gw)
-    ph, pw = -gh % ws, -gw % ws
-    padded = np.pad(ids, ((0, 0), (0, ph), (0, pw)), constant_values=-1)
-    nh, nw = (gh + ph) // ws, (gw + pw) // ws
-    win = padded.reshape(t, nh, ws, nw, ws).transpose(0, 1, 3, 2, 4)
-    win = win.reshape(t * nh * nw, ws * ws)
-    for row in win:
-      kept = row[row >= 0]
-      if kept.size:
-        index.append(kept + offset)
-        seqlens.append(kept.size * m * m)
-    offset += t * gh * gw
-  if not index:
-    return np.zeros((0,), np.int64), np.zeros((0,), np.int64)
-  return np.concatenate(index), np.asarray(seqlens)
+    if vcfg.has_windows:
+      n_win = len(frame_windows(h // m, w // m, vcfg))
+      total += t * n_win * vcfg.window_patches
+    else:
+      total += t * h * w
+  del unit
+  return total
 
 
 def rotary_positions(grids, spatial_merge_size: int) -> np.ndarray:
@@ -125,32 +136,58 @@ def example_vision_layout(
     grids: Sequence[tuple[int, int, int]], num_patches: int, vcfg: VisionConfig
 ) -> dict[str, np.ndarray]:
   """Layout arrays (see `VisionInputs`) for one example's images."""
-  unit = vcfg.merge_unit
+  unit, m = vcfg.merge_unit, vcfg.spatial_merge_size
   if num_patches % unit:
     raise ValueError(f"patch bucket {num_patches} is not a multiple of {unit}")
-  n = sum(t * h * w for t, h, w in grids)
-  if n > num_patches:
+  c = vcfg.window_patches if vcfg.has_windows else None
+  if c and num_patches % c:
     raise ValueError(
-        f"images need {n} patches ({n // unit} visual tokens), more than the"
-        f" bucket of {num_patches} patches ({num_patches // unit} tokens)"
+        f"patch bucket {num_patches} is not a multiple of the attention"
+        f" window's {c} patches"
     )
-  n_tok, v = n // unit, num_patches // unit
-  win_idx, win_lens = window_index(grids, vcfg)
-  group_perm = np.concatenate([win_idx, np.arange(n_tok, v)]).astype(np.int64)
-  perm = (group_perm[:, None] * unit + np.arange(unit)).reshape(-1)
-  window_seg = np.full((num_patches,), -1, np.int32)
-  window_seg[:n] = np.repeat(np.arange(len(win_lens)), win_lens)
-  full_seg = np.full((num_patches,), -1, np.int32)
-  frame_lens = [h * w for t, h, w in grids for _ in range(t)]
-  full_seg[:n] = np.repeat(np.arange(len(frame_lens)), frame_lens)
+  n = sum(t * h * w for t, h, w in grids)
+  need = layout_patches(grids, vcfg)
+  if need > num_patches:
+    raise ValueError(
+        f"images need {need} patch slots ({n} patches, {n // unit} visual"
+        " tokens, plus the padding of partial attention windows), more"
+        f" than the bucket of {num_patches} patches"
+    )
+  tokens, segs = [], []  # per slot group: merged token id (-1 pad), frame
+  offset = frame = 0
+  for t, h, w in grids:
+    gh, gw = h // m, w // m
+    for ti in range(t):
+      base = offset + ti * gh * gw
+      for win in frame_windows(gh, gw, vcfg):
+        groups = np.full(len(win) if c is None else c // unit, -1, np.int64)
+        groups[: len(win)] = win + base
+        tokens.append(groups)
+        segs.append(np.full(groups.shape, frame, np.int32))
+      frame += 1
+    offset += t * gh * gw
+  v = num_patches // unit
+  tok = np.full(v, -1, np.int64)
+  seg_g = np.full(v, -1, np.int32)
+  if tokens:
+    cat = np.concatenate(tokens)
+    tok[: cat.size] = cat
+    seg_g[: cat.size] = np.where(cat >= 0, np.concatenate(segs), -1)
+  real = tok >= 0
+  patch = np.where(real[:, None], tok[:, None] * unit + np.arange(unit), 0)
+  seg = np.repeat(seg_g, unit)
   rot = np.zeros((num_patches, 2), np.int32)
-  rot[:n] = rotary_positions(grids, vcfg.spatial_merge_size)
+  rot_all = rotary_positions(grids, m)
+  slot_real = np.repeat(real, unit)
+  rot[slot_real] = rot_all[patch.reshape(-1)[slot_real]]
+  n_tok = n // unit
+  restore = np.zeros(v, np.int32)
+  restore[tok[real]] = np.nonzero(real)[0]
   return dict(
-      window_perm=perm.astype(np.int32),
-      window_seg=window_seg,
-      full_seg=full_seg,
-      rot_pos=rot[perm],
-      merge_restore=np.argsort(group_perm).astype(np.int32),
+      patch_index=patch.reshape(-1).astype(np.int32),
+      patch_seg=seg,
+      rot_pos=rot,
+      merge_restore=restore,
       token_valid=np.arange(v) < n_tok,
   )
 
@@ -166,7 +203,8 @@ def vision_inputs(
   Args:
     pixel_values: per example, float[n_b, patch_dim] (its images' patches).
     grids: per example, the (t, h, w) patch grid of each of its images.
-    num_patches: the patch bucket P (a multiple of 4).
+    num_patches: the patch bucket P (holds `layout_patches` of each
+      example; a multiple of 4 and of the window's patches).
     vcfg: the vision config.
   """
   batch = len(grids)
@@ -310,7 +348,8 @@ def text_positions(attention_mask: np.ndarray) -> np.ndarray:
 
 
 def bucket_patches(grids_per_example, vcfg: VisionConfig, multiple: int = 64):
-  """Smallest patch bucket (a multiple of `multiple`) fitting every example."""
-  need = max([sum(t * h * w for t, h, w in g) for g in grids_per_example] + [0])
-  multiple = max(multiple, vcfg.merge_unit)
+  """Smallest patch bucket (a multiple of `multiple` and of the attention
+  window) whose layout fits every example."""
+  need = max([layout_patches(g, vcfg) for g in grids_per_example] + [0])
+  multiple = int(np.lcm(max(multiple, vcfg.merge_unit), vcfg.slot_multiple))
   return max(multiple, -(-need // multiple) * multiple)

@@ -5,21 +5,27 @@ of each flattened patch), 2-D rotary embeddings, window attention in most
 blocks and full (per-image) attention in `fullatt_block_indexes`, then a
 merger that concatenates each 2x2 group of patches into one visual token.
 
-Window attention runs as a banded product: in window order every window is
-a contiguous run of at most `c = window_patches` patches, so the keys of a
-query chunk of c patches lie in that chunk and its two neighbours. The cost
-is O(P * 3c) instead of O(P^2), with fixed shapes for any image sizes.
+The patches run in the window-padded layout of `inputs.VisionInputs`:
+every attention window occupies exactly `window_patches` consecutive slots
+(padding slots at the end of edge windows), so window attention is an
+exact block-diagonal product of [windows, c, c], costing what the windows
+cost, and full attention is segment-masked over the whole buffer. The
+blocks are one stacked module run as scans over the runs of consecutive
+blocks of the same kind (window, full).
 
-Axis alphabet: B batch, P patches, C chunks, c chunk length, H heads,
-d head dim, D width, V merged visual tokens.
+Axis alphabet: B batch, P patch slots, W windows, c slots per window,
+H heads, d head dim, D width, V merged visual tokens.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from faithful_rl.models import attention as attention_lib
 from faithful_rl.models import layers
 from faithful_rl.models.config import VisionConfig
 from faithful_rl.models.inputs import VisionInputs
@@ -39,109 +45,89 @@ def vision_cos_sin(
   return jnp.cos(emb), jnp.sin(emb)
 
 
-def segment_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    seg: jax.Array,
-    *,
-    scale: float,
-    band: int | None = None,
-) -> jax.Array:
-  """Attention restricted to equal segment ids.
+def segment_attention(q, k, v, seg, *, scale, window=None, impl="auto"):
+  """Attention among slots of equal segment id (non-causal).
 
   Args:
     q, k, v: [B, P, H, d].
-    seg: int[B, P]; position i attends to j iff seg[i] == seg[j].
+    seg: int[B, P]; slot i attends slot j iff seg[i] == seg[j] (and, with
+      `window`, both lie in the same window of `window` slots).
     scale: logit scale.
-    band: if set, every segment is a contiguous run of at most `band`
-      positions, and attention is computed on a band of 3 * band keys.
+    window: slots per window, or None for attention over all P slots.
+    impl: `attention.attend`'s implementation.
 
   Returns:
     [B, P, H, d].
   """
-  if band is None:
-    mask = seg[:, :, None] == seg[:, None, :]
-    return layers.masked_softmax_attention(q, k, v, mask, scale)
   b, p, h, d = q.shape
-  c = band
-  n = -(-p // c)
-  extra = n * c - p
-  if extra:
-    pad = ((0, 0), (0, extra), (0, 0), (0, 0))
-    q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-    seg = jnp.pad(seg, ((0, 0), (0, extra)), constant_values=-3)
-
-  def neighbours(x, fill):
-    widths = [(0, 0)] * x.ndim
-    widths[1] = (c, c)
-    xp = jnp.pad(x, widths, constant_values=fill)
-    xp = xp.reshape((b, n + 2, c) + x.shape[2:])
-    return jnp.concatenate([xp[:, :-2], xp[:, 1:-1], xp[:, 2:]], axis=2)
-
-  kb, vb = neighbours(k, 0), neighbours(v, 0)  # [B, C, 3c, H, d]
-  segb = neighbours(seg, -2)  # [B, C, 3c]
-  segq = seg.reshape(b, n, c)
-  mask = segq[..., :, None] == segb[..., None, :]  # [B, C, c, 3c]
-  out = layers.masked_softmax_attention(
-      q.reshape(b * n, c, h, d),
-      kb.reshape(b * n, 3 * c, h, d),
-      vb.reshape(b * n, 3 * c, h, d),
-      mask.reshape(b * n, c, 3 * c),
-      scale,
-  )
-  return out.reshape(b, n * c, h, d)[:, :p]
+  if window is not None:
+    if p % window:
+      raise ValueError(f"{p} patch slots are not whole windows of {window}")
+    n = p // window
+    q, k, v = (x.reshape(b * n, window, h, d) for x in (q, k, v))
+    seg = seg.reshape(b * n, window)
+  heads_first = lambda x: x.transpose(0, 2, 1, 3)
+  out = attention_lib.attend(
+      q, heads_first(k), heads_first(v), q_seg=seg, kv_seg=seg, scale=scale,
+      impl=impl,
+  )  # fmt: skip
+  return out.reshape(b, p, h, d)
 
 
 class VisionAttention(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
     dim = cfg.hidden_size
     self.num_heads = cfg.num_heads
     self.head_dim = cfg.head_dim
-    self.qkv = layers.linear(dim, 3 * dim, bias=True, dtype=dtype, rngs=rngs)
-    self.proj = layers.linear(dim, dim, bias=True, dtype=dtype, rngs=rngs)
+    kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.qkv = layers.linear(dim, 3 * dim, **kw)
+    self.proj = layers.linear(dim, dim, **kw)
 
-  def __call__(self, x, cos, sin, seg, band):
+  def __call__(self, x, cos, sin, seg, window, impl):
     b, p, _ = x.shape
     qkv = self.qkv(x).reshape(b, p, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     # HF rotates vision q/k in float32, then casts back.
     q = layers.apply_rope(q.astype(jnp.float32), cos, sin).astype(x.dtype)
     k = layers.apply_rope(k.astype(jnp.float32), cos, sin).astype(x.dtype)
-    out = segment_attention(q, k, v, seg, scale=self.head_dim**-0.5, band=band)
+    out = segment_attention(
+        q, k, v, seg, scale=self.head_dim**-0.5, window=window, impl=impl
+    )
     return self.proj(out.reshape(b, p, -1))
 
 
 class VisionBlock(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
-    self.norm1 = layers.RMSNorm(cfg.hidden_size, eps=1e-6, dtype=dtype)
-    self.norm2 = layers.RMSNorm(cfg.hidden_size, eps=1e-6, dtype=dtype)
-    self.attn = VisionAttention(cfg, dtype=dtype, rngs=rngs)
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.norm1 = layers.RMSNorm(cfg.hidden_size, eps=1e-6, **kw)
+    self.norm2 = layers.RMSNorm(cfg.hidden_size, eps=1e-6, **kw)
+    self.attn = VisionAttention(cfg, rngs=rngs, **kw)
     self.mlp = layers.GatedMLP(
         cfg.hidden_size,
         cfg.intermediate_size,
         act=cfg.hidden_act,
         bias=True,
-        dtype=dtype,
         rngs=rngs,
+        **kw,
     )
 
-  def __call__(self, x, cos, sin, seg, band):
-    x = x + self.attn(self.norm1(x), cos, sin, seg, band)
+  def __call__(self, x, cos, sin, seg, window, impl):
+    x = x + self.attn(self.norm1(x), cos, sin, seg, window, impl)
     return x + self.mlp(self.norm2(x))
 
 
 class PatchMerger(nnx.Module):
   """RMSNorm, then each 2x2 patch group concatenated through a 2-layer MLP."""
 
-  def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
     ctx = cfg.hidden_size * cfg.merge_unit
-    self.ln_q = layers.RMSNorm(cfg.hidden_size, eps=1e-6, dtype=dtype)
-    self.mlp_0 = layers.linear(ctx, ctx, bias=True, dtype=dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.ln_q = layers.RMSNorm(cfg.hidden_size, eps=1e-6, **kw)
+    self.mlp_0 = layers.linear(ctx, ctx, bias=True, rngs=rngs, **kw)
     self.mlp_2 = layers.linear(
-        ctx, cfg.out_hidden_size, bias=True, dtype=dtype, rngs=rngs
+        ctx, cfg.out_hidden_size, bias=True, rngs=rngs, **kw
     )
     self.unit = cfg.merge_unit
 
@@ -154,29 +140,69 @@ class PatchMerger(nnx.Module):
 class VisionTower(nnx.Module):
   """Patches -> merged visual tokens: float[B, P, patch_dim] -> [B, V, D]."""
 
-  def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      cfg: VisionConfig,
+      *,
+      dtype,
+      param_dtype=None,
+      remat: str = "none",
+      attention: str = "auto",
+      scan_layers: bool = True,
+      rngs: nnx.Rngs,
+  ):
+    param_dtype = param_dtype or dtype
     self.cfg = cfg
+    self.dtype = dtype
+    self.remat = remat
+    self.attention = attention
+    self.scan_layers = scan_layers
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.patch_embed = layers.linear(
-        cfg.patch_dim, cfg.hidden_size, bias=False, dtype=dtype, rngs=rngs
+        cfg.patch_dim, cfg.hidden_size, bias=False, rngs=rngs, **kw
     )
-    self.blocks = nnx.List(
-        [VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.depth)]
+    self.blocks = layers.stacked(
+        cfg.depth, lambda r: VisionBlock(cfg, rngs=r, **kw), rngs
     )
-    self.merger = PatchMerger(cfg, dtype=dtype, rngs=rngs)
+    self.merger = PatchMerger(cfg, rngs=rngs, **kw)
+
+  def block_runs(self) -> list[tuple[int, int, bool]]:
+    """[(start, stop, full attention)] runs of blocks of one kind."""
+    full = [i in self.cfg.fullatt_block_indexes for i in range(self.cfg.depth)]
+    runs, start = [], 0
+    for kind, group in itertools.groupby(full):
+      n = len(list(group))
+      runs.append((start, start + n, kind))
+      start += n
+    return runs
 
   def __call__(self, vis: VisionInputs) -> jax.Array:
     cfg = self.cfg
-    dtype = self.patch_embed.kernel.dtype
     pix = jnp.take_along_axis(
-        vis.pixel_values, vis.window_perm[..., None], axis=1
-    ).astype(dtype)
-    x = self.patch_embed(pix)
+        vis.pixel_values, vis.patch_index[..., None], axis=1
+    )
+    x = self.patch_embed(pix.astype(self.dtype))
     cos, sin = vision_cos_sin(vis.rot_pos, cfg.head_dim, cfg.rope_theta)
-    band = cfg.window_patches
-    for i, block in enumerate(self.blocks):
-      if i in cfg.fullatt_block_indexes:
-        x = block(x, cos, sin, vis.full_seg, None)
-      else:
-        x = block(x, cos, sin, vis.window_seg, band)
+    seg = vis.patch_seg
+    in_window = jnp.where(seg >= 0, 0, -1)  # one window: real vs padding
+
+    for start, stop, full in self.block_runs():
+      window = None if full else cfg.window_patches
+      block_seg = seg if full else in_window
+
+      def run(block, x, i, xs, window=window, block_seg=block_seg):
+        del i, xs
+        x = layers.shard_batch(x)
+        return block(x, cos, sin, block_seg, window, self.attention), None
+
+      x, _ = layers.run_stack(
+          self.blocks,
+          run,
+          x,
+          start=start,
+          stop=stop,
+          remat=self.remat,
+          scan=self.scan_layers,
+      )
     merged = self.merger(x)
     return jnp.take_along_axis(merged, vis.merge_restore[..., None], axis=1)

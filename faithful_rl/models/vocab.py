@@ -58,9 +58,10 @@ def add_tokens(model, tokenizer, tokens: Sequence[str] = (FOCUS,)):
     for i in new_ids:
       g = g.at[:, i].set(mean_head.astype(head.dtype))
     pure["lm_head"]["kernel"] = g
-  cls = type(model)
-  abstract = nnx.eval_shape(
-      lambda: cls(new_cfg, dtype=model.dtype, rngs=nnx.Rngs(0))
+  from faithful_rl.models import convert_hf  # pylint: disable=g-import-not-at-top
+
+  abstract = convert_hf.abstract_model(
+      new_cfg, model.dtype, **convert_hf.options_of(model)
   )
   graphdef, _ = nnx.split(abstract)
   return nnx.merge(graphdef, pure), tokenizer, ids
@@ -80,7 +81,12 @@ def main(argv=None):
   model = convert_hf.from_pretrained(args.hf_dir, jnp.dtype(args.dtype))
   tok = AutoTokenizer.from_pretrained(args.hf_dir)
   model, tok, ids = add_tokens(model, tok, args.tokens.split(","))
-  convert_hf.save_pretrained(model, args.out_dir, copy_files_from=args.hf_dir)
+  convert_hf.save_pretrained(
+      model,
+      args.out_dir,
+      dtype=jnp.dtype(args.dtype),
+      copy_files_from=args.hf_dir,
+  )
   tok.save_pretrained(args.out_dir)
   print(f"wrote {args.out_dir}: {dict(zip(args.tokens.split(','), ids))}")
 

@@ -1,0 +1,43 @@
+"""The accelerator benchmark runs end to end (a CPU dry run, tiny model)."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+import accelerator  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.mark.slow
+def test_accelerator_dry_run_reports_every_figure():
+  r = accelerator.main(["--tiny", "--repeats=1"])
+  assert r["update"]["tokens_per_sec"] > 0 and r["update"]["tflops"] > 0
+  assert r["decode"]["tokens_per_sec"] > 0 and r["decode"]["step_bytes"] > 0
+  # The backend kernel and flash compute the same attention (bf16 ulps).
+  assert r["kernels"]["diff"] < 0.05
+  # bf16 sampler vs bf16 training forward: rounding, far below bf16 itself.
+  n = r["numerics"]
+  assert np.isfinite([n["vs_train_max"], n["vs_f32_max"]]).all()
+  assert n["vs_train_mean"] < n["vs_f32_mean"] and n["vs_train_max"] < 0.05
+
+
+def test_model_flops_by_hand():
+  """6ND + attention + the vision forward, for a 2-layer toy."""
+  from faithful_rl.models.config import ModelConfig
+  from faithful_rl.models.config import TextConfig
+
+  cfg = ModelConfig(
+      text=TextConfig(num_hidden_layers=2, num_attention_heads=4,
+                      hidden_size=32)  # fmt: skip
+  )
+  params = {"visual": {"w": np.zeros((10,))}, "text": np.zeros((90,))}
+  flops, tokens = accelerator.model_flops(
+      cfg, params, prompt_len=4, patches=8, rows=2, response_len=2
+  )
+  assert tokens == 4 + 2 * 2
+  keys = 4 * 4 / 2 + 2 * 2 * (4 + 2 / 2)  # 8 + 20
+  want = 6 * 90 * 8 + 12 * 2 * 4 * 8 * keys + 2 * 10 * 8
+  assert flops == want
