@@ -74,11 +74,25 @@ def no_attention(monkeypatch):
   )
 
 
+def evaluate(setup, records, engine, **kw):
+  """`accuracy.evaluate` on `records` in one batch, the demo's buckets."""
+  config, processor, model = setup
+  buckets = batching.Buckets(
+      prompt=config.data.prompt_buckets,
+      patches=config.data.patch_buckets,
+      response=config.data.response_buckets,
+  )
+  return accuracy.evaluate(
+      model, records, processor, engine=engine, max_new_tokens=24,
+      batch_size=8, buckets=buckets, **kw,
+  )  # fmt: skip
+
+
 @pytest.mark.parametrize("boxed_only", [False, True])
 def test_greedy_and_sampled_accuracy_use_the_same_check(
     setup, boxed_only, no_attention
 ):
-  config, processor, model = setup
+  processor = setup[1]
   cfg = synthetic.SyntheticConfig(families=("attribute",))
   records = list(synthetic.generate(cfg, "test", 6))
 
@@ -92,21 +106,10 @@ def test_greedy_and_sampled_accuracy_use_the_same_check(
 
   boxed = np.mean(["square" not in r["question"] for r in records])
   assert 0 < boxed < 1
-  out = accuracy.evaluate(
-      model,
-      records,
-      processor,
-      engine=ScriptedEngine(processor, respond),
-      max_new_tokens=24,
-      batch_size=8,
-      buckets=batching.Buckets(
-          prompt=config.data.prompt_buckets,
-          patches=config.data.patch_buckets,
-          response=config.data.response_buckets,
-      ),
-      boxed_only=boxed_only,
-      sampled=3,
-  )
+  out = evaluate(
+      setup, records, ScriptedEngine(processor, respond),
+      boxed_only=boxed_only, sampled=3,
+  )  # fmt: skip
   expected = boxed if boxed_only else 1.0
   assert out["num_examples"] == 6
   assert out["accuracy"] == pytest.approx(expected)
@@ -153,3 +156,41 @@ def test_a_text_only_policy_shows_the_shortcut_gap(
     assert out[split]["question_only"] == pytest.approx(out[split]["accuracy"])
     assert out[split]["chance"] == pytest.approx(0.2)
   assert "gap (in - counter)" in shortcut.table(out)
+
+
+def test_evidence_flip_rate_counts_correct_answers_the_mask_breaks(
+    setup, no_attention
+):
+  processor = setup[1]
+  cfg = synthetic.SyntheticConfig(families=("attribute",))
+  records = list(synthetic.generate(cfg, "test", 8))
+  calls = []
+
+  class TwoPassEngine(ScriptedEngine):
+    """The first call of the batch sees the images, the second the
+    counterfactual ones (the evaluator's order with `flips` alone)."""
+
+    def sample(self, model, prompt, rng, config):
+      calls.append(np.asarray(prompt["vision"].pixel_values).sum())
+      return super().sample(model, prompt, rng, config)
+
+  def respond(i, prompt):
+    del prompt
+    q, answer = records[i]["question"], records[i]["answer"]
+    masked = len(calls) % 2 == 0
+    other = next(c for c in synthetic.COLOURS if c != answer)
+    # Squares are wrong either way; on the masked image circles go wrong.
+    wrong = "square" in q or (masked and "circle" in q)
+    return f"\\boxed{{{other if wrong else answer}}}"
+
+  questions = [r["question"] for r in records]
+  right = [q for q in questions if "square" not in q]
+  circles = [q for q in right if "circle" in q]
+  assert 0 < len(circles) < len(right)
+  out = evaluate(
+      setup, records, TwoPassEngine(processor, respond), boxed_only=True,
+      flips=True,
+  )  # fmt: skip
+  assert len(calls) == 2 and calls[0] != calls[1]
+  assert out["accuracy"] == pytest.approx(len(right) / len(records))
+  assert out["evidence_flip"] == pytest.approx(len(circles) / len(right))

@@ -94,6 +94,7 @@ def evaluate(
     boxed_only: bool = False,
     sampled: int = 0,
     temperature: float = 1.0,
+    flips: bool = False,
 ) -> dict[str, Any]:
   """Greedy accuracy and attention diagnostics on `source`.
 
@@ -103,9 +104,16 @@ def evaluate(
   same check (`rewards.batch_rewards`, with `boxed_only` for both: with it,
   only an answer inside `\\boxed{}` counts, as in the RL reward).
 
+  With `flips`, each question is answered greedily again on its
+  counterfactual image (the evidence boxes filled, the processor's
+  `counterfactual_fill`), giving "evidence_flip": the share of greedy-correct
+  answers (on examples with evidence boxes) that the masked image makes
+  wrong. An answer read from the evidence flips; one from the prior stays.
+
   Returns:
     {"accuracy", "format", "response_length", "evidence_mass",
-     "pointing_hit", "accuracy/<family>", ..., "num_examples"} and
+     "pointing_hit", "attn_kl", "accuracy/<family>", ..., "num_examples"}
+    (with "sampled_accuracy", "evidence_flip" as asked) and
     "samples": a few (question, response, answer, correct) for display.
   """
   cfg = model.config
@@ -162,6 +170,18 @@ def evaluate(
       rw_s = check(texts_s, rep(meta["answers"]), rep(meta["answer_types"]))
       per_q = rw_s["correct"].reshape(n, sampled).mean(1)
       stats["sampled_accuracy"].extend(per_q.tolist())
+    if flips:
+      cf = {k: arrays[k] for k in ("prompt_ids", "prompt_mask", "position_ids")}
+      cf["vision"] = arrays["cf_vision"]
+      if mesh is not None:
+        cf = sharding.put_batch(mesh, cf)
+      ro_cf = engine.sample(model, cf, jax.random.key(0), sampling)
+      texts_cf = processor.decode_responses(
+          np.asarray(ro_cf.tokens)[:n], np.asarray(ro_cf.mask)[:n]
+      )
+      correct_cf = check(texts_cf, meta["answers"], meta["answer_types"])[
+          "correct"
+      ]
     mass, hit, kl = _attention_stats_jit(
         params,
         graphdef,
@@ -187,6 +207,8 @@ def evaluate(
         stats["pointing_hit"].append(hit[i])
         stats["attn_kl"].append(kl[i])  # KL(EASE target || attention)
         stats[f"evidence_mass/{fam}"].append(mass[i])
+        if flips and rw["correct"][i]:
+          stats["evidence_flip"].append(float(not correct_cf[i]))
       if len(samples) < num_samples_to_show:
         samples.append(
             dict(

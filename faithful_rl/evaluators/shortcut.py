@@ -82,6 +82,7 @@ def evaluate_splits(
     sampled: int | None = None,
     num_train: int = 20000,
     engine: rollout.Engine | None = None,
+    flips: bool = False,
 ) -> dict[str, Any]:
   """Accuracy, question-only baseline and chance on each split, and the gap.
 
@@ -94,6 +95,7 @@ def evaluate_splits(
     sampled: answers per question for avg@k (None: the run's eval.sampled).
     num_train: training questions the question-only baseline is fit on.
     engine: the sampler (default: a new `rollout.Engine`).
+    flips: also the evidence-mask flip rate (`accuracy.evaluate`).
 
   Returns:
     {split: {"accuracy", "sampled_accuracy", "question_only", "chance",
@@ -133,6 +135,7 @@ def evaluate_splits(
         boxed_only=config.rl.get("boxed_only", False),
         sampled=k,
         temperature=config.rl.sampling.temperature,
+        flips=flips,
     )
     ev.pop("samples")
     qo = synthetic.question_only_baseline(
@@ -179,6 +182,9 @@ def define_flags() -> None:
       "sampled", None, "Samples per question (default: the run's eval.sampled)."
   )
   flags.DEFINE_list("splits", list(SPLITS), "Splits to evaluate.")
+  flags.DEFINE_bool(
+      "flips", False, "Also the evidence-mask flip rate (a second greedy pass)."
+  )
 
 
 def main(argv):
@@ -197,6 +203,7 @@ def main(argv):
       splits=tuple(f.splits),
       num_examples=f.num_examples,
       sampled=f.sampled,
+      flips=f.flips,
   )
   step = "last" if f.step is None else f.step
   path = os.path.join(workdir, f"shortcut_{step}.json")
