@@ -38,6 +38,7 @@ from absl import flags
 import ml_collections
 
 from faithful_rl import rollout
+from faithful_rl import run_setup
 from faithful_rl.data import batching
 from faithful_rl.data import synthetic
 from faithful_rl.evaluators import accuracy
@@ -61,11 +62,9 @@ def qa_from_source(source, num_examples: int | None = None) -> list:
 
 def open_split(config, workdir: str, split: str):
   """(train source, `split` source) of the run's dataset."""
-  from faithful_rl import train  # pylint: disable=g-import-not-at-top
-
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.test_split = split
-  sources = train.dataset_sources(config, workdir)
+  sources = run_setup.dataset_sources(config, workdir)
   if sources["test"] is None:
     raise ValueError(f"the run's dataset has no split {split!r}")
   return sources["train"], sources["test"]
@@ -173,9 +172,10 @@ def table(results: dict[str, Any]) -> str:
 
 
 def define_flags() -> None:
-  """The command line's flags (defined only when run as a program, so that
-  importing this module next to `train` defines no second --workdir)."""
-  flags.DEFINE_string("workdir", None, "The run's directory.", required=True)
+  """The command line's flags (defined only when run as a program). The
+  run's loader imports `faithful_rl.train`, whose --workdir this reuses."""
+  from faithful_rl import train  # pylint: disable=g-import-not-at-top,unused-import
+
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the last).")
   flags.DEFINE_integer("num_examples", 512, "Questions per split.")
   flags.DEFINE_integer(
@@ -193,6 +193,8 @@ def main(argv):
   from faithful_rl import inference  # pylint: disable=g-import-not-at-top
 
   f = flags.FLAGS
+  if not f.workdir:
+    raise app.UsageError("--workdir (the run's directory) is required")
   workdir = os.path.abspath(f.workdir)
   model, processor, config = inference.load_run(workdir, f.step)
   results = evaluate_splits(
