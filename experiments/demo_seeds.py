@@ -2,6 +2,7 @@ r"""`make demo` over seeds: its held-out table per seed, and the RL gain.
 
   python experiments/demo_seeds.py --seeds=0,1,2
   python experiments/demo_seeds.py --report_only   # the table again
+  python experiments/demo_seeds.py --report_only --attention=0
 
 Each seed runs the demo's own command with a seed and a workdir of its own,
 
@@ -15,6 +16,11 @@ average around it, the seconds its own metrics account for
 (`metered_seconds`) and the commit; then prints greedy and sampled
 accuracy after SFT and after RL per seed, with the mean and sd over seeds
 of the RL - SFT difference.
+
+`--attention=<seed>` draws experiments/demo_attention.png from that seed's
+run: the same six counter-prior questions (the shape's usual colour is not
+the one shown) answered after SFT (top) and after RL (bottom), each with
+the response's attention over the 6 x 6 visual tokens and the evidence box.
 """
 
 from __future__ import annotations
@@ -110,11 +116,53 @@ def report(runs: dict) -> str:
   return "\n".join(rows)
 
 
+def attention_picture(workdir: str, out_png: str, n: int = 6) -> str:
+  """After SFT and after RL on `n` counter-prior questions (module doc)."""
+  from faithful_rl import inference  # pylint: disable=g-import-not-at-top
+  from faithful_rl import viz  # pylint: disable=g-import-not-at-top
+  from faithful_rl.data import batching  # pylint: disable=g-import-not-at-top
+  from faithful_rl.data import synthetic  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  config = inference.load_config(workdir)
+  task = synthetic.config_from_dict(config.data.synthetic.to_dict())
+  records = list(synthetic.generate(task, "test_counter_prior", n))
+  sft_step = int(config.sft.steps)
+  ckpts = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
+  buckets = batching.Buckets(
+      prompt=tuple(config.data.prompt_buckets),
+      patches=tuple(config.data.patch_buckets),
+      response=(16,),
+  )
+  rows = []
+  for step in (sft_step, max(steps)):
+    if step not in steps:
+      raise ValueError(f"{workdir} has no checkpoint at step {step}: {steps}")
+    model, processor, _ = inference.load_run(workdir, step)
+    answers = inference.answer(
+        model, processor, records, max_new_tokens=16, buckets=buckets
+    )
+    rows.append(viz.show_answers(answers))
+  fig, axes = plt.subplots(2, 1, figsize=(3.4 * n, 8.4))
+  for ax, panel, title in zip(axes, rows, ("after SFT", "after RL")):
+    panel.canvas.draw()
+    ax.imshow(np.asarray(panel.canvas.buffer_rgba()))
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=11)
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=110)
+  return out_png
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--root", default=os.path.join(ROOT, "workdirs/demo_seeds"))
   p.add_argument("--report_only", action="store_true")
+  p.add_argument(
+      "--attention", type=int, default=None, help="seed whose run to draw"
+  )
   args = p.parse_args()
   runs = {}
   if os.path.exists(OUT):
@@ -127,6 +175,9 @@ def main():
         with open(OUT, "w") as f:
           json.dump(runs, f, indent=2, default=float)
   print(report(runs))
+  if args.attention is not None:
+    png = os.path.join(ROOT, "experiments", "demo_attention.png")
+    print(attention_picture(os.path.join(args.root, f"s{args.attention}"), png))
 
 
 if __name__ == "__main__":
