@@ -1,6 +1,8 @@
 r"""The papers' methods against DAPO on the prior-shortcut synthetic task.
 
-  python experiments/ablation.py --out=experiments/ablation --seeds=0,1,2
+  python experiments/demo_seeds.py --seeds=0,1,2   # the plain SFT bases
+  python experiments/ablation.py --out=experiments/ablation --seeds=0,1,2 \
+      --plain_base=workdirs/demo_seeds --sft_steps=200 --rl_steps=30
   python experiments/ablation.py --out=experiments/ablation --report_only
 
 The same command resumes a partial grid: a finished run (its evaluation in
@@ -12,8 +14,10 @@ Demo scale (configs/demo.py: the tiny model on a CPU, colour questions
 whose usual answer holds on half the training images, a demonstrator that
 answers by that prior on half the others). Per seed:
 
-* SFT bases: one plain SFT warm start, shared by DAPO, DAPO+EASE and VPPO;
-  one Faithful-MR1 Anchoring SFT per anchoring weight (responses open with
+* SFT bases: one plain SFT warm start, shared by DAPO, DAPO+EASE and VPPO
+  (with --plain_base, the demo run's own SFT stage of that seed: the same
+  config, so the same base the demo's DAPO stage starts from); one
+  Faithful-MR1 Anchoring SFT per anchoring weight (responses open with
   `<Focus>`, whose attention row is pulled toward the evidence).
 * RL runs, every one with the same budget (steps, prompts, samples, lr):
   DAPO; DAPO+EASE at lambda_attn 1e-3, 1e-2, 1e-1 and at 1e-3 without the
@@ -122,14 +126,16 @@ def train(config, workdir, overrides, log):
     return json.load(f)
 
 
-def evaluate(workdir, args, log):
+def evaluate(workdir, args, log, step=None):
   run(
       [sys.executable, "-m", "faithful_rl.evaluators.shortcut",
        f"--workdir={workdir}", f"--num_examples={args.eval_examples}",
-       f"--sampled={args.sampled}", "--flips"],
+       f"--sampled={args.sampled}", "--flips"]
+      + ([] if step is None else [f"--step={step}"]),
       log,
   )  # fmt: skip
-  with open(os.path.join(workdir, "shortcut_last.json")) as f:
+  name = f"shortcut_{'last' if step is None else step}.json"
+  with open(os.path.join(workdir, name)) as f:
     return json.load(f)
 
 
@@ -153,37 +159,54 @@ def experiment(args):
     with open(path, "w") as f:
       json.dump(results, f, indent=1)
 
-  def one(key, config, workdir, overrides):
+  def one(key, config, workdir, overrides, step=None):
     entry = results.setdefault(key, {})
     if "eval" in entry:
       return
-    if "train" not in entry:
+    if "train" not in entry and config:
       entry["train"] = train(config, workdir, {**common, **overrides}, log)
       save()
-    entry["eval"] = evaluate(workdir, args, log)
+    entry["eval"] = evaluate(workdir, args, log, step)
     save()
     print(f"[ablation] {key} done", flush=True)
 
   def base(name, seed):
+    """The base's workdir and the step to start from (None: its last)."""
+    if name == "sft" and args.plain_base:
+      # The demo's own runs: their SFT stage is this base, exactly.
+      workdir = os.path.join(os.path.abspath(args.plain_base), f"s{seed}")
+      if not os.path.isdir(
+          os.path.join(workdir, "checkpoints", str(args.sft_steps))
+      ):
+        raise FileNotFoundError(
+            f"{workdir} has no SFT checkpoint at step {args.sft_steps}; run"
+            f" experiments/demo_seeds.py --seeds={seed} first"
+        )
+      results.setdefault(f"sft/base/s{seed}", {"from": workdir})
+      one(f"sft/base/s{seed}", None, workdir, {}, step=args.sft_steps)
+      return workdir, args.sft_steps
     config, extra = BASES[name]
     one(
         f"{name}/base/s{seed}", config, os.path.join(out, f"{name}_s{seed}"),
         {**extra, "seed": seed, "stages": "('sft',)",
          "sft.steps": args.sft_steps},
     )  # fmt: skip
-    return os.path.join(out, f"{name}_s{seed}")
+    return os.path.join(out, f"{name}_s{seed}"), None
 
   # Method-major: each finished method has all its seeds, in the order
   # --methods gives (the claims' main comparisons first by default).
   for method in args.methods:
     for seed in args.seeds:
       config, base_name, extra = METHODS[method]
+      init, init_step = base(base_name, seed)
+      start = {"model.init_from": init}
+      if init_step is not None:
+        start["model.init_step"] = init_step
       one(
           f"{method}/s{seed}", config,
           os.path.join(out, f"rl_{method.replace('+', '_')}_s{seed}"),
-          {**extra, "seed": seed, "stages": "('rl',)",
-           "rl.steps": args.rl_steps,
-           "model.init_from": base(base_name, seed)},
+          {**extra, **start, "seed": seed, "stages": "('rl',)",
+           "rl.steps": args.rl_steps},
       )  # fmt: skip
   return results
 
@@ -309,6 +332,15 @@ def main():
       "--methods", default=",".join(ORDER), help="RL runs, in order"
   )
   parser.add_argument("--sft_steps", type=int, default=200)
+  parser.add_argument(
+      "--plain_base",
+      default="",
+      help=(
+          "start the plain-SFT methods from these demo runs (DIR/s<seed>,"
+          " experiments/demo_seeds.py) at step --sft_steps instead of training"
+          " a base"
+      ),
+  )
   parser.add_argument("--rl_steps", type=int, default=30)
   parser.add_argument("--eval_examples", type=int, default=256)
   parser.add_argument("--sampled", type=int, default=4)
