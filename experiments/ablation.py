@@ -163,10 +163,14 @@ def experiment(args):
     entry = results.setdefault(key, {})
     if "eval" in entry:
       return
-    if "train" not in entry and config:
-      entry["train"] = train(config, workdir, {**common, **overrides}, log)
-      save()
-    entry["eval"] = evaluate(workdir, args, log, step)
+    try:
+      if "train" not in entry and config:
+        entry["train"] = train(config, workdir, {**common, **overrides}, log)
+        save()
+      entry["eval"] = evaluate(workdir, args, log, step)
+    except subprocess.CalledProcessError as e:  # the log has the traceback
+      print(f"[ablation] {key} FAILED ({e}); see {log}", flush=True)
+      return
     save()
     print(f"[ablation] {key} done", flush=True)
 
