@@ -120,7 +120,6 @@ def attention_picture(workdir: str, out_png: str, n: int = 6) -> str:
   """After SFT and after RL on `n` counter-prior questions (module doc)."""
   from faithful_rl import inference  # pylint: disable=g-import-not-at-top
   from faithful_rl import viz  # pylint: disable=g-import-not-at-top
-  from faithful_rl.data import batching  # pylint: disable=g-import-not-at-top
   from faithful_rl.data import synthetic  # pylint: disable=g-import-not-at-top
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
@@ -130,19 +129,12 @@ def attention_picture(workdir: str, out_png: str, n: int = 6) -> str:
   sft_step = int(config.sft.steps)
   ckpts = os.path.join(workdir, "checkpoints")
   steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
-  buckets = batching.Buckets(
-      prompt=tuple(config.data.prompt_buckets),
-      patches=tuple(config.data.patch_buckets),
-      response=(16,),
-  )
   rows = []
   for step in (sft_step, max(steps)):
     if step not in steps:
       raise ValueError(f"{workdir} has no checkpoint at step {step}: {steps}")
     model, processor, _ = inference.load_run(workdir, step)
-    answers = inference.answer(
-        model, processor, records, max_new_tokens=16, buckets=buckets
-    )
+    answers = inference.answer(model, processor, records, max_new_tokens=16)
     rows.append(viz.show_answers(answers))
   fig, axes = plt.subplots(2, 1, figsize=(3.4 * n, 8.4))
   for ax, panel, title in zip(axes, rows, ("after SFT", "after RL")):
