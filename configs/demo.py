@@ -35,8 +35,14 @@ What makes RL visibly help (experiments/README.md has the runs):
 from configs import common
 
 
-def scratch_model():
-  """Sizes of the tiny model (token ids come from the demo tokenizer)."""
+def scratch_model(window_size: int = 112):
+  """Sizes of the tiny model (token ids come from the demo tokenizer).
+
+  `window_size`: the vision tower's attention window in pixels; the demo's
+  168 makes one window of its 168-px images (6 x 6 merged tokens). The
+  recipes' runlocal model keeps 112 (their 112-px images, 64-patch
+  buckets).
+  """
   return dict(
       text=dict(
           vocab_size=448,
@@ -57,7 +63,7 @@ def scratch_model():
           intermediate_size=128,
           num_heads=2,
           out_hidden_size=128,
-          window_size=168,
+          window_size=window_size,
           fullatt_block_indexes=(1,),
       ),
   )
@@ -69,7 +75,7 @@ def demo_config(runlocal: bool = False, algorithm: str = "dapo"):
   common.set_algorithm(c, algorithm)
   c.model.init = "scratch"
   c.model.dtype = "float32"
-  c.model.scratch = scratch_model()
+  c.model.scratch = scratch_model(window_size=168)
 
   c.data.name = "evidence_vqa/demo"
   c.data.synthetic = dict(
