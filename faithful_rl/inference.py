@@ -89,9 +89,11 @@ def answer(
 ) -> list[dict[str, Any]]:
   """Greedy answers to `records`, with where each response looked."""
   examples = [processor.process(r) for r in records]
+  # Patch buckets in whole attention windows (64 patches at window 112).
+  window = model.config.vision.window_patches
   buckets = buckets or batching.Buckets(
       prompt=(64, 128, 256, 512, 1024),
-      patches=(64, 256, 1024, 4096),
+      patches=tuple(window * k for k in (1, 4, 16, 64)),
       response=(max_new_tokens,),
   )
   batch = batching.collate(

@@ -145,3 +145,166 @@ def test_demo_tokenizer_covers_the_task_and_round_trips():
   for text in ("Ünïcödé ∑ 🤖 text\twith\n\nodd  spacing", "<Focus>x"):
     enc = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(enc) == text
+
+
+# ---------------------------------------------------------------------------
+# The prior-shortcut variant.
+# ---------------------------------------------------------------------------
+
+PRIOR = synthetic.SyntheticConfig(prior=0.7)
+
+
+def test_usual_answers_follow_the_documented_table():
+  usual = lambda family, q, cfg=PRIOR: synthetic.usual_answer(cfg, family, q)
+  colours = [
+      usual("attribute", f"What colour is the {s}?") for s in synthetic.SHAPES
+  ]
+  assert colours == ["red", "green", "blue", "yellow"]
+  # c + s = 1 + 1 -> the third count, "3".
+  assert usual("count", "How many green squares are there?") == "3"
+  # c + s = 4 + 3 = 7, odd -> "yes".
+  assert usual("exist", "Is there a purple diamond?") == "yes"
+  # r + c + s = 3 ("below") + 2 ("blue") + 1 ("square") = 6 -> index 2.
+  assert usual("spatial", "Which shape is below the blue square?") == "triangle"
+  assert usual("digit", "What number is in the purple square?") == "9"
+  q = "What is the sum of the numbers in the green circle and the red square?"
+  assert usual("arithmetic", q) == "6"  # 1 + 5
+  assert usual("chart", "What is the value of the yellow bar?") == "4"
+  shifted = dataclasses.replace(PRIOR, prior_seed=1)
+  assert usual("attribute", "What colour is the circle?", shifted) == "green"
+
+
+def test_prior_holds_on_an_exact_even_share():
+  one = dataclasses.replace(PRIOR, families=("attribute",))
+  holds = [synthetic.prior_holds(one, "train", j) for j in range(10)]
+  # ceil(0.7 (j + 1)) > ceil(0.7 j): 7 of every 10, evenly spread.
+  assert holds == [1, 1, 1, 0, 1, 1, 0, 1, 1, 0]
+  # With two families, each family's own examples follow the pattern.
+  two = dataclasses.replace(PRIOR, families=("attribute", "count"))
+  assert [synthetic.prior_holds(two, "train", i) for i in range(8)] == [
+      1, 1, 1, 1, 1, 1, 0, 0,
+  ]  # fmt: skip
+  assert synthetic.prior_holds(PRIOR, "test_counter_prior", 3) is False
+  assert synthetic.prior_holds(PRIOR, "test", 0) is None
+  assert synthetic.prior_holds(CFG, "train", 0) is None
+  with pytest.raises(ValueError, match="needs a prior"):
+    synthetic.prior_holds(CFG, "test_in_prior", 0)
+  with pytest.raises(ValueError):
+    synthetic.SyntheticConfig(prior=1.5)
+
+
+def test_prior_splits_and_the_question_only_baseline():
+  """The issue's acceptance test: >= prior in-prior, <= chance counter-prior."""
+  # 1000 per family, so that every question of arithmetic (90) and
+  # spatial (80) is seen often enough for its majority answer to be usual.
+  train = synthetic.qa_triples(PRIOR, "train", 7000)
+  scores = {}
+  for split in ("test_in_prior", "test_counter_prior", "test"):
+    test = synthetic.qa_triples(PRIOR, split, 700)
+    scores[split] = synthetic.question_only_baseline(train, test, PRIOR)
+    share = np.mean(
+        [a == synthetic.usual_answer(PRIOR, f, q) for f, q, a in test]
+    )
+    print(f"\n{split}: question-only {scores[split]}, usual share {share:.3f}")
+    if split == "test_in_prior":
+      assert share >= PRIOR.prior  # ceil(0.7 * 100) of each family's 100
+    elif split == "test_counter_prior":
+      assert share == 0.0
+  in_prior = scores["test_in_prior"]
+  counter = scores["test_counter_prior"]
+  assert in_prior["accuracy"] >= PRIOR.prior
+  assert counter["accuracy"] <= counter["chance"]
+  assert counter["accuracy"] == 0.0  # it always answers the usual answer
+  # The uniform test split is the base task's, record for record.
+  base = list(synthetic.generate(CFG, "test", 7))
+  for a, b in zip(synthetic.generate(PRIOR, "test", 7), base):
+    assert a["image"] == b["image"] and a["answer"] == b["answer"]
+  # Every answer stays possible off the prior, and images show the answer.
+  answers = collections.Counter(a for f, _, a in train if f == "attribute")
+  assert set(answers) == set(synthetic.COLOURS)
+
+
+def test_tfds_builder_writes_the_prior_splits(tmp_path):
+  cfg = dataclasses.replace(PRIOR, families=("attribute", "count"))
+  builder = builders.build_synthetic(
+      str(tmp_path),
+      "default",
+      name="tiny_prior",
+      num_train=4,
+      num_validation=0,
+      num_test=3,
+      num_prior_test=5,
+      synthetic=cfg,
+  )
+  assert "hold on 70%" in builder.builder_config.description
+  assert set(builder.info.splits) == {
+      "train",
+      "test",
+      "test_in_prior",
+      "test_counter_prior",
+  }
+  for split in synthetic.PRIOR_SPLITS:
+    src = data.data_source("evidence_vqa/tiny_prior", split, str(tmp_path))
+    expected = list(synthetic.generate(cfg, split, 5))
+    assert [r["answer"].decode() for r in src] == [
+        r["answer"] for r in expected
+    ]
+    assert src[0]["id"].decode() == f"{split}-0000000"
+
+
+def test_reference_prior_biases_only_the_training_references():
+  biased = dataclasses.replace(CFG, reference_prior=0.4)
+  n, flipped, wrong_answers = 700, 0, 0
+  for i, (a, b) in enumerate(
+      zip(
+          synthetic.generate(CFG, "train", n),
+          synthetic.generate(biased, "train", n),
+      )
+  ):
+    # The image, question and answer (what rewards check) are untouched.
+    assert (a["image"], a["question"], a["answer"]) == (
+        b["image"],
+        b["question"],
+        b["answer"],
+    )
+    said = b["reference_response"].rsplit("\\boxed{", 1)[1][:-1]
+    if b["reference_response"] != a["reference_response"]:
+      flipped += 1
+      usual = synthetic.usual_answer(CFG, b["family"], b["question"])
+      assert said == usual != b["answer"], i
+      assert said in b["reference_response"].split("\\boxed")[0] or (
+          b["family"] == "exist"
+      )
+    wrong_answers += said != b["answer"]
+  # A coin of 0.4 on the examples whose answer is not already the usual one
+  # (about 0.78 of them): 0.31 expected, sd 0.018 at 700.
+  assert 0.25 < flipped / n < 0.37
+  assert wrong_answers == flipped
+  for split in ("validation", "test"):
+    for a, b in zip(
+        synthetic.generate(CFG, split, 20),
+        synthetic.generate(biased, split, 20),
+    ):
+      assert a["reference_response"] == b["reference_response"]
+      assert a["image"] == b["image"]
+
+
+def test_reference_styles():
+  terse = dataclasses.replace(CFG, reference_style="answer")
+  echo = dataclasses.replace(CFG, reference_style="question")
+  for a, b, c in zip(
+      synthetic.generate(CFG, "train", 7),
+      synthetic.generate(terse, "train", 7),
+      synthetic.generate(echo, "train", 7),
+  ):
+    assert a["image"] == b["image"] == c["image"]
+    assert a["answer"] == b["answer"] == c["answer"]
+    boxed = f"\\boxed{{{a['answer']}}}"
+    assert b["reference_response"] == boxed
+    assert c["reference_response"] == f"{a['question']} {boxed}"
+  with pytest.raises(ValueError, match="reference_style"):
+    synthetic.SyntheticConfig(reference_style="essay")
+  biased = dataclasses.replace(terse, reference_prior=1.0)
+  for r in synthetic.generate(biased, "train", 14):
+    usual = synthetic.usual_answer(biased, r["family"], r["question"])
+    assert r["reference_response"] == f"\\boxed{{{usual}}}"

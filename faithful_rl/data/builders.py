@@ -72,10 +72,12 @@ class EvidenceVqaConfig(tfds.core.BuilderConfig):
 
   Attributes:
     synthetic: the task knobs (image sizes, families, distractors,
-      difficulty).
+      difficulty, the language prior).
     num_train: examples in the train split.
     num_validation: examples in the validation split.
     num_test: examples in the test split.
+    num_prior_test: examples in each prior split (test_in_prior,
+      test_counter_prior), built when `synthetic.prior` > 0; -1: num_test.
     seed: base seed; splits draw from disjoint streams of it.
   """
 
@@ -83,7 +85,20 @@ class EvidenceVqaConfig(tfds.core.BuilderConfig):
   num_train: int = 20000
   num_validation: int = 1000
   num_test: int = 1000
+  num_prior_test: int = -1
   seed: int = 0
+
+  def split_sizes(self) -> dict[str, int]:
+    """Split name -> number of examples, for the splits this config has."""
+    sizes = {
+        "train": self.num_train,
+        "validation": self.num_validation,
+        "test": self.num_test,
+    }
+    if self.synthetic.prior:
+      n = self.num_test if self.num_prior_test < 0 else self.num_prior_test
+      sizes.update({split: n for split in synthetic.PRIOR_SPLITS})
+    return {split: n for split, n in sizes.items() if n > 0}
 
 
 _MIXED_SIZES = ((112, 112), (168, 112), (112, 168), (168, 168), (224, 224))
@@ -92,8 +107,14 @@ _MIXED_SIZES = ((112, 112), (168, 112), (112, 168), (168, 168), (224, 224))
 class EvidenceVqa(_Builder):
   """Synthetic evidence-grounded VQA with exact evidence boxes."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Initial release.",
+      "1.1.0": (
+          "The prior-shortcut variant (SyntheticConfig.prior) and its splits"
+          " test_in_prior, test_counter_prior; other records unchanged."
+      ),
+  }
   BUILDER_CONFIGS = [
       EvidenceVqaConfig(
           name="default",
@@ -111,6 +132,15 @@ class EvidenceVqa(_Builder):
               image_sizes=_MIXED_SIZES, max_distractors=4, difficulty=0.5
           ),
       ),
+      EvidenceVqaConfig(
+          name="prior",
+          description=(
+              "112-px images, all task families; each question's usual"
+              " answer holds on 70% of train, validation and test_in_prior,"
+              " never on test_counter_prior; test is uniform."
+          ),
+          synthetic=synthetic.SyntheticConfig(prior=0.7),
+      ),
   ]
   DEFAULT_CONFIG_NAME = "default"
 
@@ -124,16 +154,9 @@ class EvidenceVqa(_Builder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    cfg = self.builder_config
-    sizes = {
-        "train": cfg.num_train,
-        "validation": cfg.num_validation,
-        "test": cfg.num_test,
-    }
+    sizes = self.builder_config.split_sizes()
     return {
-        split: self._generate_examples(split, n)
-        for split, n in sizes.items()
-        if n > 0
+        split: self._generate_examples(split, n) for split, n in sizes.items()
     }
 
   def _generate_examples(self, split: str, num_examples: int):
@@ -182,10 +205,16 @@ def build_synthetic(
 def _describe(cfg: synthetic.SyntheticConfig) -> str:
   sides = sorted({s for size in cfg.image_sizes for s in size})
   px = f"{sides[0]}" if len(sides) == 1 else f"{sides[0]}..{sides[-1]}"
-  return (
+  out = (
       f"{px}-px images, families {', '.join(cfg.families)}, <= "
       f"{cfg.max_distractors} distractors, difficulty {cfg.difficulty}."
   )
+  if cfg.prior:
+    out += (
+        f" Usual answers (prior seed {cfg.prior_seed}) hold on"
+        f" {cfg.prior:.0%} of train, validation and test_in_prior."
+    )
+  return out
 
 
 # ---------------------------------------------------------------------------

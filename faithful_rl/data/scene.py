@@ -60,6 +60,9 @@ class Scene:
   evidence: tuple[int, ...]  # indices into `objects`
   reasoning: str
   chart: tuple[int, int, int, int, int] | None = None  # x0, y0, x1, base, unit
+  # The SFT target when it differs from the truth (a biased demonstrator's
+  # reasoning and answer); None: `reasoning` and `answer`.
+  demonstration: tuple[str, str] | None = None
 
   @property
   def boxes(self) -> np.ndarray:
@@ -77,7 +80,9 @@ class Scene:
 
   @property
   def reference_response(self) -> str:
-    return f"{self.reasoning} \\boxed{{{self.answer}}}"
+    reasoning, answer = self.demonstration or (self.reasoning, self.answer)
+    boxed = f"\\boxed{{{answer}}}"
+    return f"{reasoning} {boxed}" if reasoning else boxed
 
 
 def _draw_digit(draw, box, digit: int, colour) -> None:

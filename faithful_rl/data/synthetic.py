@@ -21,6 +21,26 @@ Answers are drawn uniformly per question template, independently of the
 question's slots, so the question alone does not reveal the answer
 (`question_only_baseline` measures it).
 
+Prior-shortcut variant (`SyntheticConfig.prior` = p > 0). Every question
+gets a usual answer, a fixed function of its text (`usual_answer`: for
+example each shape has a usual colour, each "How many red circles" a
+usual count), and the answer follows it on a share p of the examples,
+so a model can score p from the text alone. By split:
+  train, validation   the usual answer holds on a p share of each family's
+                      examples (exactly ceil(p * n) of the first n), the
+                      other examples take one of the other answers
+                      uniformly
+  test_in_prior       the same distribution, its own seed stream
+  test_counter_prior  the usual answer never holds (uniform over the
+                      others): a text-only shortcut scores 0 here
+  test                answers uniform, exactly the base task's test split
+                      (same seed, same records)
+A question-only predictor fit on train scores about p on test_in_prior and
+0 on test_counter_prior (`question_only_baseline`); a model that reads the
+image scores the same on both, so in-prior minus counter-prior accuracy
+(the shortcut gap) measures how much of its accuracy the prior supplies.
+With p = 0 (the default) there is no prior and only the base splits exist.
+
 Calibration: the defaults (112-px images, objects of 22-42 px, five
 well-separated colours, a vocabulary of a few dozen words) are sized so a
 tiny model with 4x4 merged visual tokens of 28 px can learn the colour and
@@ -32,7 +52,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
-from typing import Any, Iterator, Sequence
+import zlib
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -60,7 +81,17 @@ FAMILIES = (
     "arithmetic",
     "chart",
 )
-SPLITS = {"train": 0, "validation": 1, "test": 2}
+# Split -> seed stream. The prior splits exist when `SyntheticConfig.prior`
+# is positive (see the module docstring).
+SPLITS = {
+    "train": 0,
+    "validation": 1,
+    "test": 2,
+    "test_in_prior": 3,
+    "test_counter_prior": 4,
+}
+PRIOR_SPLITS = ("test_in_prior", "test_counter_prior")
+REFERENCE_STYLES = ("reasoning", "question", "answer")
 
 _GAP = 3  # minimum free pixels between two objects
 _MARGIN = 2  # minimum free pixels between an object and the image border
@@ -78,6 +109,22 @@ class SyntheticConfig:
       the background and jitters object colours.
     max_count: counting answers are 1..max_count.
     max_bar_value: chart answers are 1..max_bar_value.
+    prior: the prior-shortcut variant (module docstring): the share p of
+      train, validation and test_in_prior examples whose answer is the
+      question's usual answer (`usual_answer`); 0 turns the prior off (answers
+      uniform, no prior splits).
+    prior_seed: picks the table of usual answers (question text -> answer).
+    reference_prior: the share q of train examples whose reference response
+      (the SFT target) states the question's usual answer, with reasoning
+      to match, whatever the image shows: a demonstrator that leans on a
+      language prior. The `answer` field, which rewards and evaluation
+      check, stays true, and held-out splits keep true references. Works
+      with or without `prior`; 0: every reference is right.
+    reference_style: what a reference response says before its boxed
+      answer: "reasoning", a sentence that states the answer ("The circle
+      is red. \\boxed{red}"); "question", the question again, so that the
+      answer is stated once ("What colour is the circle? \\boxed{red}");
+      "answer", nothing ("\\boxed{red}").
   """
 
   image_sizes: tuple[tuple[int, int], ...] = ((112, 112),)
@@ -86,6 +133,10 @@ class SyntheticConfig:
   difficulty: float = 0.0
   max_count: int = 4
   max_bar_value: int = 6
+  prior: float = 0.0
+  prior_seed: int = 0
+  reference_prior: float = 0.0
+  reference_style: str = "reasoning"
 
   def __post_init__(self):
     unknown = set(self.families) - set(FAMILIES)
@@ -96,18 +147,45 @@ class SyntheticConfig:
     for w, h in self.image_sizes:
       if min(w, h) < 84:
         raise ValueError(f"image size {(w, h)} is below 84 px")
+    for name in ("prior", "reference_prior"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise ValueError(f"{name}={getattr(self, name)} not in [0, 1]")
+    if self.reference_style not in REFERENCE_STYLES:
+      raise ValueError(f"reference_style must be one of {REFERENCE_STYLES}")
+    if self.prior and min(map(self.num_answers, self.families)) < 2:
+      raise ValueError("a prior needs at least 2 answers in every family")
+
+  def answer_set(self, family: str) -> tuple[str, ...]:
+    """The family's possible answers, in the order they are drawn."""
+    numbers = lambda lo, hi: tuple(str(n) for n in range(lo, hi + 1))
+    return {
+        "count": numbers(1, self.max_count),
+        "attribute": tuple(COLOURS),
+        "spatial": SHAPES,
+        "exist": ("no", "yes"),
+        "digit": numbers(0, 9),
+        "arithmetic": numbers(0, 18),
+        "chart": numbers(1, self.max_bar_value),
+    }[family]
 
   def num_answers(self, family: str) -> int:
     """Size of the family's answer set (chance accuracy is its inverse)."""
-    return {
-        "count": self.max_count,
-        "attribute": len(COLOURS),
-        "spatial": len(SHAPES),
-        "exist": 2,
-        "digit": 10,
-        "arithmetic": 19,
-        "chart": self.max_bar_value,
-    }[family]
+    return len(self.answer_set(family))
+
+
+def config_from_dict(knobs: Mapping[str, Any]) -> SyntheticConfig:
+  """The `SyntheticConfig` of a config's `data.synthetic` section.
+
+  Keys that are not task knobs (the builder's split sizes) are ignored, and
+  lists (as a config read back from JSON holds them) become tuples.
+  """
+  tuples = (
+      lambda v: tuple(map(tuples, v)) if isinstance(v, (list, tuple)) else v
+  )
+  fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
+  return SyntheticConfig(
+      **{k: tuples(v) for k, v in knobs.items() if k in fields}
+  )
 
 
 class _Retry(Exception):
@@ -151,13 +229,25 @@ def _place(rng, size, width, height, taken, region=None, ok=None, tries=60):
 class _Builder:
   """Collects the objects of one scene."""
 
-  def __init__(self, qrng, rng, cfg: SyntheticConfig, width, height):
+  def __init__(self, qrng, rng, cfg: SyntheticConfig, width, height, prior):
     # `q` draws what the question asks and its answer, `rng` the layout:
     # a scene that does not fit is laid out again with the same question,
     # so retries cannot skew the answer distribution.
     self.q, self.rng, self.cfg = qrng, rng, cfg
     self.width, self.height = width, height
+    self.prior = prior  # None: uniform; True / False: usual answer or not
     self.objects: list[Obj] = []
+
+  def answer(self, family: str, question: str) -> int:
+    """Index of the answer in `cfg.answer_set(family)`."""
+    k = self.cfg.num_answers(family)
+    if self.prior is None:
+      return int(self.q.integers(k))
+    usual = _usual_index(self.cfg, family, question)
+    if self.prior:
+      return usual
+    other = int(self.q.integers(k - 1))
+    return other + (other >= usual)
 
   def size(self, lo: float, hi: float) -> int:
     """An object side in pixels; lo/hi are for a 112-px image."""
@@ -227,23 +317,25 @@ def _plural(shape: str, n: int) -> str:
 
 def _count(b: _Builder):
   colour, shape = _choice(b.q, list(COLOURS)), _choice(b.q, SHAPES)
-  n = int(b.q.integers(1, b.cfg.max_count + 1))
+  q = f"How many {colour} {_plural(shape, 2)} are there?"
+  n = 1 + b.answer("count", q)
   ev = [b.add(shape, colour, b.size(22, 28)) for _ in range(n)]
   b.distractors({(colour, shape)}, 22, 28)
   verb = "is" if n == 1 else "are"
-  q = f"How many {colour} {_plural(shape, 2)} are there?"
   r = f"There {verb} {n} {colour} {_plural(shape, n)}."
   return q, str(n), "number", ev, r
 
 
 def _attribute(b: _Builder):
-  shape, colour = _choice(b.q, SHAPES), _choice(b.q, list(COLOURS))
+  shape = _choice(b.q, SHAPES)
+  q = f"What colour is the {shape}?"
+  colour = list(COLOURS)[b.answer("attribute", q)]
   ev = [b.add(shape, colour, b.size(26, 34))]
   others = tuple(s for s in SHAPES if s != shape)
   forbidden = {(c, shape) for c in COLOURS}
   b.distractors(forbidden, 24, 30, shapes=others)
   return (
-      f"What colour is the {shape}?",
+      q,
       colour,
       "text",
       ev,
@@ -254,7 +346,8 @@ def _attribute(b: _Builder):
 def _spatial(b: _Builder):
   rel = _choice(b.q, RELATIONS)
   rc, rs = _choice(b.q, list(COLOURS)), _choice(b.q, SHAPES)
-  answer = _choice(b.q, SHAPES)
+  q = f"Which shape is {rel} the {rc} {rs}?"
+  answer = SHAPES[b.answer("spatial", q)]
   tc = b.other_attrs({(rc, rs)}, shapes=(answer,))[0]
   s_ref, s_tgt = b.size(24, 30), b.size(24, 30)
   w, h, room = b.width, b.height, s_tgt + _GAP + _MARGIN
@@ -291,14 +384,14 @@ def _spatial(b: _Builder):
     }[rel]
 
   b.distractors({(rc, rs)}, 22, 28, ok=other_side)
-  q = f"Which shape is {rel} the {rc} {rs}?"
   r = f"The {tc} {answer} is {rel} the {rc} {rs}."
   return q, answer, "text", [ref, tgt], r
 
 
 def _exist(b: _Builder):
   colour, shape = _choice(b.q, list(COLOURS)), _choice(b.q, SHAPES)
-  present = bool(b.q.integers(2))
+  q = f"Is there a {colour} {shape}?"
+  present = bool(b.answer("exist", q))
   total = int(b.rng.integers(1, b.cfg.max_distractors + 2))
   ev = []
   if present:
@@ -316,16 +409,17 @@ def _exist(b: _Builder):
   b.distractors({(colour, shape)}, 24, 30, count=total)
   word = "yes" if present else "no"
   r = f"I see a {colour} {shape}." if present else f"I see no {colour} {shape}."
-  return f"Is there a {colour} {shape}?", word, "yes_no", ev, r
+  return q, word, "yes_no", ev, r
 
 
 def _digit(b: _Builder):
   colour, shape = _choice(b.q, list(COLOURS)), _choice(b.q, LABEL_SHAPES)
-  d = int(b.q.integers(10))
+  q = f"What number is in the {colour} {shape}?"
+  d = b.answer("digit", q)
   ev = [b.add(shape, colour, b.size(34, 42), digit=d)]
   b.distractors({(colour, shape)}, 32, 38, shapes=LABEL_SHAPES, digits=True)
   return (
-      f"What number is in the {colour} {shape}?",
+      q,
       str(d),
       "number",
       ev,
@@ -337,7 +431,8 @@ def _arithmetic(b: _Builder):
   pairs = [(c, s) for c in COLOURS for s in LABEL_SHAPES]
   i, j = b.q.choice(len(pairs), size=2, replace=False)
   (c1, s1), (c2, s2) = pairs[int(i)], pairs[int(j)]
-  total = int(b.q.integers(19))
+  q = f"What is the sum of the numbers in the {c1} {s1} and the {c2} {s2}?"
+  total = b.answer("arithmetic", q)
   a = int(b.q.integers(max(0, total - 9), min(9, total) + 1))
   ev = [
       b.add(s1, c1, b.size(32, 38), digit=a),
@@ -351,7 +446,6 @@ def _arithmetic(b: _Builder):
       digits=True,
       count=int(b.rng.integers(0, min(1, b.cfg.max_distractors) + 1)),
   )
-  q = f"What is the sum of the numbers in the {c1} {s1} and the {c2} {s2}?"
   r = (
       f"The {c1} {s1} shows {a} and the {c2} {s2} shows {total - a}."
       f" {a} + {total - a} = {total}."
@@ -366,7 +460,8 @@ def _chart(b: _Builder):
   colours = colours[:n]
   target = int(b.q.integers(n))
   values = [int(b.rng.integers(1, top_v + 1)) for _ in range(n)]
-  values[target] = int(b.q.integers(1, top_v + 1))
+  q = f"What is the value of the {colours[target]} bar?"
+  values[target] = 1 + b.answer("chart", q)
   x0, x1 = int(round(0.12 * w)), w - int(round(0.06 * w))
   base = h - int(round(0.1 * h))
   unit = (base - int(round(0.08 * h))) // top_v
@@ -379,7 +474,7 @@ def _chart(b: _Builder):
   c, v = colours[target], values[target]
   chart = (x0, base - top_v * unit, x1, base, unit)
   return (
-      f"What is the value of the {c} bar?",
+      q,
       str(v),
       "number",
       [target],
@@ -400,15 +495,28 @@ _FAMILY_FNS = {
 
 
 def sample_scene(
-    rng: np.random.Generator, family: str, cfg: SyntheticConfig
+    rng: np.random.Generator,
+    family: str,
+    cfg: SyntheticConfig,
+    prior: bool | None = None,
 ) -> Scene:
-  """Draws one scene of `family` (every random choice of an example)."""
+  """Draws one scene of `family` (every random choice of an example).
+
+  Args:
+    rng: the example's generator.
+    family: a task family.
+    cfg: the task knobs.
+    prior: None draws the answer uniformly; True gives the question's usual
+      answer (`usual_answer`); False one of the other answers, uniformly.
+  """
   width, height = cfg.image_sizes[int(rng.integers(len(cfg.image_sizes)))]
   background = tuple(int(v) for v in rng.integers(232, 256, size=3))
   noise_seed = int(rng.integers(2**31))
   question_seed = int(rng.integers(2**63))
   for _ in range(100):
-    b = _Builder(np.random.default_rng(question_seed), rng, cfg, width, height)
+    b = _Builder(
+        np.random.default_rng(question_seed), rng, cfg, width, height, prior
+    )
     try:
       out = _FAMILY_FNS[family](b)
     except _Retry:
@@ -447,11 +555,99 @@ def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
   return np.random.default_rng([seed, SPLITS[split], index])
 
 
+def _usual_index(cfg: SyntheticConfig, family: str, question: str) -> int:
+  words = _SLOT_RE.findall(question)
+  c = [list(COLOURS).index(w) for w in words if w in COLOURS]
+  s = [SHAPES.index(w.rstrip("s")) for w in words if w.rstrip("s") in SHAPES]
+  r = [RELATIONS.index(w) for w in words if w in RELATIONS]
+  digit = lambda k: (c[k] + 5 * s[k]) % 10
+  code = {
+      "attribute": lambda: s[0],
+      "count": lambda: c[0] + s[0],
+      "exist": lambda: c[0] + s[0],
+      "spatial": lambda: r[0] + c[0] + s[0],
+      "digit": lambda: digit(0),
+      "arithmetic": lambda: digit(0) + digit(1),
+      "chart": lambda: c[0],
+  }[family]()
+  return (code + cfg.prior_seed) % cfg.num_answers(family)
+
+
+def usual_answer(cfg: SyntheticConfig, family: str, question: str) -> str:
+  """The question's usual answer in the prior-shortcut variant.
+
+  A fixed function of the question's slot words, with colours, shapes and
+  relations numbered in the order of `COLOURS`, `SHAPES` and `RELATIONS`
+  (c, s, r): the answer with index (code + prior_seed) mod K in
+  `cfg.answer_set(family)`, code being
+
+    attribute   s           circle red, square green, triangle blue,
+                            diamond yellow
+    count       c + s       red circles 1, green circles 2, red squares 2 ...
+    exist       c + s       even: no, odd: yes
+    spatial     r + c + s
+    digit       c + 5 s     red circle 0 ... purple circle 4, red square 5 ...
+    arithmetic  the sum of the two shapes' usual digits
+    chart       c           red bar 1, green bar 2 ...
+
+  (the examples are for prior_seed 0). Every question of a family thus has
+  one usual answer, and each answer is the usual answer of about as many
+  questions as any other (exactly, but for arithmetic's sums and chart's
+  top value).
+  """
+  return cfg.answer_set(family)[_usual_index(cfg, family, question)]
+
+
+def prior_holds(cfg: SyntheticConfig, split: str, index: int) -> bool | None:
+  """Whether example `index` of `split` takes its question's usual answer.
+
+  None: no prior (answers uniform), on every split when `cfg.prior` is 0
+  and on `test` always. On train, validation and test_in_prior the prior
+  holds on exactly ceil(p * n) of each family's first n examples, spread
+  evenly over the indices (a Bresenham pattern, so every prefix of a split
+  keeps the share); on test_counter_prior it never holds.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split {split!r} not in {tuple(SPLITS)}")
+  if split in PRIOR_SPLITS and not cfg.prior:
+    raise ValueError(f"split {split!r} needs a prior (SyntheticConfig.prior)")
+  if not cfg.prior or split == "test":
+    return None
+  if split == "test_counter_prior":
+    return False
+  # Exact integer arithmetic: ceil(j * p) with p as a fraction of 10^6.
+  scale = 10**6
+  p = round(cfg.prior * scale)
+  j = index // len(cfg.families)  # the example's index within its family
+  ceil = lambda n: -(-n * p // scale)
+  return ceil(j + 1) > ceil(j)
+
+
 def make_scene(
     cfg: SyntheticConfig, seed: int, split: str, index: int
 ) -> Scene:
   family = cfg.families[index % len(cfg.families)]
-  return sample_scene(example_rng(seed, split, index), family, cfg)
+  prior = prior_holds(cfg, split, index)
+  scene = sample_scene(example_rng(seed, split, index), family, cfg, prior)
+  if split == "train" and cfg.reference_prior:
+    # The biased demonstrator's coin has its own stream, so that turning it
+    # on changes no image, question or answer.
+    coin = np.random.default_rng([seed, SPLITS[split], index, 1]).random()
+    if coin < cfg.reference_prior and prior is not True:
+      # The same example drawn with its usual answer: the same question,
+      # and reasoning consistent with that answer.
+      usual = sample_scene(example_rng(seed, split, index), family, cfg, True)
+      if usual.answer != scene.answer:
+        scene = dataclasses.replace(
+            scene, demonstration=(usual.reasoning, usual.answer)
+        )
+  if cfg.reference_style != "reasoning":
+    lead = scene.question if cfg.reference_style == "question" else ""
+    demo = scene.demonstration
+    scene = dataclasses.replace(
+        scene, reasoning=lead, demonstration=demo and (lead, demo[1])
+    )
+  return scene
 
 
 def scene_record(scene: Scene, example_id: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -93,16 +94,26 @@ def evaluate(
     boxed_only: bool = False,
     sampled: int = 0,
     temperature: float = 1.0,
+    flips: bool = False,
 ) -> dict[str, Any]:
   """Greedy accuracy and attention diagnostics on `source`.
 
   With `sampled` = k > 0, each question is also answered k times at
   `temperature` (the policy RL trains), giving "sampled_accuracy", the mean
-  over the k answers (avg@k).
+  over the k answers (avg@k). Greedy and sampled answers go through the
+  same check (`rewards.batch_rewards`, with `boxed_only` for both: with it,
+  only an answer inside `\\boxed{}` counts, as in the RL reward).
+
+  With `flips`, each question is answered greedily again on its
+  counterfactual image (the evidence boxes filled, the processor's
+  `counterfactual_fill`), giving "evidence_flip": the share of greedy-correct
+  answers (on examples with evidence boxes) that the masked image makes
+  wrong. An answer read from the evidence flips; one from the prior stays.
 
   Returns:
     {"accuracy", "format", "response_length", "evidence_mass",
-     "pointing_hit", "accuracy/<family>", ..., "num_examples"} and
+     "pointing_hit", "attn_kl", "accuracy/<family>", ..., "num_examples"}
+    (with "sampled_accuracy", "evidence_flip" as asked) and
     "samples": a few (question, response, answer, correct) for display.
   """
   cfg = model.config
@@ -126,6 +137,7 @@ def evaluate(
       stop_tokens=(processor.ids.im_end,),
       pad_token=processor.ids.pad,
   )
+  check = functools.partial(rewards_lib.batch_rewards, boxed_only=boxed_only)
   graphdef, params = nnx.split(model)
   params = nnx.to_pure_dict(params)
   stats = collections.defaultdict(list)
@@ -144,7 +156,7 @@ def evaluate(
     tokens = np.asarray(ro.tokens)
     mask = np.asarray(ro.mask)
     texts = processor.decode_responses(tokens[:n], mask[:n])
-    rw = rewards_lib.batch_rewards(texts, meta["answers"], meta["answer_types"])
+    rw = check(texts, meta["answers"], meta["answer_types"])
     if sampled:
       sc = dataclasses.replace(
           sampling, greedy=False, num_samples=sampled, temperature=temperature
@@ -155,14 +167,21 @@ def evaluate(
           np.asarray(ro_s.mask)[: n * sampled],
       )
       rep = lambda xs: [x for x in xs[:n] for _ in range(sampled)]
-      rw_s = rewards_lib.batch_rewards(
-          texts_s,
-          rep(meta["answers"]),
-          rep(meta["answer_types"]),
-          boxed_only=boxed_only,
-      )
+      rw_s = check(texts_s, rep(meta["answers"]), rep(meta["answer_types"]))
       per_q = rw_s["correct"].reshape(n, sampled).mean(1)
       stats["sampled_accuracy"].extend(per_q.tolist())
+    if flips:
+      cf = {k: arrays[k] for k in ("prompt_ids", "prompt_mask", "position_ids")}
+      cf["vision"] = arrays["cf_vision"]
+      if mesh is not None:
+        cf = sharding.put_batch(mesh, cf)
+      ro_cf = engine.sample(model, cf, jax.random.key(0), sampling)
+      texts_cf = processor.decode_responses(
+          np.asarray(ro_cf.tokens)[:n], np.asarray(ro_cf.mask)[:n]
+      )
+      correct_cf = check(texts_cf, meta["answers"], meta["answer_types"])[
+          "correct"
+      ]
     mass, hit, kl = _attention_stats_jit(
         params,
         graphdef,
@@ -188,6 +207,8 @@ def evaluate(
         stats["pointing_hit"].append(hit[i])
         stats["attn_kl"].append(kl[i])  # KL(EASE target || attention)
         stats[f"evidence_mass/{fam}"].append(mass[i])
+        if flips and rw["correct"][i]:
+          stats["evidence_flip"].append(float(not correct_cf[i]))
       if len(samples) < num_samples_to_show:
         samples.append(
             dict(
