@@ -27,8 +27,16 @@ ARGS = [
     "--config.rl.optim.lr=1e-5",
     "--config.rl.optim.warmup_steps=0",
     "--config.ckpt.every=1",
+    "--config.ckpt.keep=8",  # step 1 stays, to see what the rest moved
     "--config.data.eval_split=none",
     "--config.data.test_split=none",
+    # Two SFT steps before the two RL steps: a scratch model's sampled
+    # answers are all wrong, so its first RL steps may have no gradient at
+    # all; the SFT steps make sure the parameters compared have moved.
+    "--config.stages=('sft', 'rl')",
+    "--config.sft.steps=2",
+    "--config.sft.optim.lr=1e-4",
+    "--config.sft.optim.warmup_steps=0",
 ]
 
 
@@ -113,8 +121,8 @@ def test_two_processes_equal_one_and_resume(tmp_path):
   step, got = _params(two)
   ref_step, ref = _params(one)
   _, before = _params(one, 1)
-  assert step == ref_step == 2 and got.keys() == ref.keys()
+  assert step == ref_step == 4 and got.keys() == ref.keys()
   moved = max(np.abs(ref[k] - before[k]).max() for k in ref)
-  assert moved > 1e-5  # the second step moved what is compared
+  assert moved > 1e-5  # the steps after the first moved what is compared
   for k in ref:
     np.testing.assert_allclose(got[k], ref[k], rtol=0, atol=1e-6, err_msg=k)
