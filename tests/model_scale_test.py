@@ -91,7 +91,7 @@ def test_scanned_remat_fused_equals_unrolled(options):
                        attention="xla")  # fmt: skip
   other = _variant(base, **options)
   batch, targets = _batch(config)
-  (l0, out0), (l1, out1) = _loss(base, batch, targets), _loss(
+  (_, out0), (_, out1) = _loss(base, batch, targets), _loss(
       other, batch, targets
   )
   real = np.asarray(batch["mask"], bool)
