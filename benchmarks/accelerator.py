@@ -106,8 +106,12 @@ def _setup_model(args):
 
 def shapes(args, config, model_config):
   """(prompt tokens, visual tokens, patch slots, response tokens)."""
-  if args.tiny:
-    return 48, 16, 64, 16
+  if args.tiny:  # one 4 x 4-token image, in whatever slots its layout takes
+    from faithful_rl.models import inputs as inputs_lib  # pylint: disable=g-import-not-at-top
+
+    m = model_config.vision.spatial_merge_size
+    slots = inputs_lib.layout_patches([(1, 4 * m, 4 * m)], model_config.vision)
+    return 48, 16, slots, 16
   vis = 1280
   patches = config.data.patch_buckets[-1]
   return config.data.prompt_buckets[-1], vis, patches, 1024
