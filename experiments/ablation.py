@@ -148,9 +148,10 @@ def experiment(args):
   log = os.path.join(out, "log.txt")
   common = {
       "data.data_dir": os.path.join(out, "tfds"),
-      "eval.final_examples": 0,  # the evaluator below measures every run
-      "eval.num_examples": 32,
-      "eval.sampled": 0,
+      # No evaluation inside training: the evaluator below measures every
+      # run on all three splits.
+      "data.eval_split": "none",
+      "data.test_split": "none",
       "ckpt.every": 50,
   }
   common.update(dict(kv.split("=", 1) for kv in args.override))
