@@ -257,9 +257,17 @@ def summarise(results):
   return out
 
 
+def mean_sd(s, signed: bool) -> str:
+  """mean ± sd; a single seed has no sd; no seed, a dash."""
+  if s[2] == 0:
+    return "–"
+  mean = f"{s[0]:+.3f}" if signed else f"{s[0]:.3f}"
+  return mean if s[2] == 1 else f"{mean} ± {s[1]:.3f}"
+
+
 def table(summary) -> str:
-  fmt = lambda s: "–" if s[2] == 0 else f"{s[0]:.3f} ± {s[1]:.3f}"
-  sign = lambda s: "–" if s[2] == 0 else f"{s[0]:+.3f} ± {s[1]:.3f}"
+  fmt = lambda s: mean_sd(s, False)
+  sign = lambda s: mean_sd(s, True)
   lines = []
   for title, cols, kind, cell in (
       ("Accuracy (mean ± sd over seeds)", ACCURACY, "mean", fmt),
