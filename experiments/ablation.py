@@ -202,6 +202,8 @@ def experiment(args):
   # --methods gives (the claims' main comparisons first by default).
   for method in args.methods:
     for seed in args.seeds:
+      if "eval" in results.get(f"{method}/s{seed}", {}):
+        continue  # done (its base need not exist here)
       config, base_name, extra = METHODS[method]
       init, init_step = base(base_name, seed)
       start = {"model.init_from": init}
