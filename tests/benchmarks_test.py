@@ -18,10 +18,12 @@ def test_accelerator_dry_run_reports_every_figure():
   assert r["decode"]["tokens_per_sec"] > 0 and r["decode"]["step_bytes"] > 0
   # The backend kernel and flash compute the same attention (bf16 ulps).
   assert r["kernels"]["diff"] < 0.05
-  # bf16 sampler vs bf16 training forward: rounding, far below bf16 itself.
+  # bf16 sampler vs bf16 training forward: closer on average than either is
+  # to float32. The max is a few bf16 ulps of log-probs near -7 (one ulp is
+  # 0.03 there); it moves with the thread count's reduction order.
   n = r["numerics"]
   assert np.isfinite([n["vs_train_max"], n["vs_f32_max"]]).all()
-  assert n["vs_train_mean"] < n["vs_f32_mean"] and n["vs_train_max"] < 0.05
+  assert n["vs_train_mean"] < n["vs_f32_mean"] and n["vs_train_max"] < 0.15
 
 
 def test_model_flops_by_hand():

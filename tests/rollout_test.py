@@ -21,6 +21,7 @@ from flax import nnx
 from faithful_rl import data
 from faithful_rl import models
 from faithful_rl import rollout
+from faithful_rl import sampling
 from faithful_rl.models import inputs as inputs_lib
 from faithful_rl.models import qwen2_5_vl
 import helpers
@@ -338,7 +339,7 @@ def _reference_probs(logits, *, temperature=1.0, top_k=0, top_p=1.0):
 
 def _draw(logits, config, n, seed=0):
   rows = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, len(logits)))
-  tokens, logp = rollout.select_tokens(jax.random.key(seed), rows, config)
+  tokens, logp = sampling.select_tokens(jax.random.key(seed), rows, config)
   counts = np.bincount(np.asarray(tokens), minlength=len(logits))
   return counts, np.asarray(logp), np.asarray(tokens)
 
@@ -390,7 +391,7 @@ def _kept(logits, **config) -> set[int]:
   config = rollout.SamplingConfig(**config)
   counts, _, _ = _draw(logits, config, 20_000, seed=3)
   scaled = jnp.asarray(logits, jnp.float32) / config.temperature
-  filtered = rollout.filter_logits(
+  filtered = sampling.filter_logits(
       scaled, top_k=config.top_k, top_p=config.top_p
   )
   kept = set(np.flatnonzero(np.asarray(filtered) > jnp.finfo(jnp.float32).min))
@@ -413,7 +414,7 @@ def test_top_k_top_p_kept_sets_by_hand():
   # Greedy takes the first of tied maxima, as jnp.argmax.
   greedy = rollout.SamplingConfig(greedy=True)
   ties = jnp.asarray([[1.0, 3.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
-  tokens, _ = rollout.select_tokens(jax.random.key(0), ties, greedy)
+  tokens, _ = sampling.select_tokens(jax.random.key(0), ties, greedy)
   np.testing.assert_array_equal(tokens, [1, 0])
   # Every kept token is drawn (no token of the set is unreachable).
   counts, _, _ = _draw(logits, rollout.SamplingConfig(top_p=0.75), 20_000)
@@ -430,7 +431,7 @@ def test_kept_sets_match_transformers_warpers():
       ref = logits_process.TopKLogitsWarper(top_k)(None, ref)
     if top_p < 1:
       ref = logits_process.TopPLogitsWarper(top_p)(None, ref)
-    ours = rollout.filter_logits(
+    ours = sampling.filter_logits(
         jnp.asarray(logits, jnp.float32), top_k=top_k, top_p=top_p
     )
     np.testing.assert_array_equal(

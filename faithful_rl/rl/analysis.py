@@ -23,6 +23,7 @@ from flax import nnx
 
 from faithful_rl import losses
 from faithful_rl import rollout
+from faithful_rl import sampling
 from faithful_rl import steps
 from faithful_rl.models.inputs import VisionInputs
 from faithful_rl.rl.batch import RolloutBatch
@@ -39,7 +40,7 @@ def perturb_patches(
   key per image (key[B]).
   """
   pix = vision.pixel_values
-  if rollout.per_row_keys(rng):
+  if sampling.per_row_keys(rng):
     one = lambda key: jax.random.bernoulli(key, drop_prob, pix.shape[1:2])
     drop = jax.vmap(one)(rng)
   else:
