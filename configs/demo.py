@@ -129,11 +129,14 @@ def demo_config(runlocal: bool = False, algorithm: str = "dapo"):
 
 
 def shrink(c):
-  """The demo at `runlocal` size: the same task, a minute on a CPU."""
+  """The demo at `runlocal` size: the same task, a minute on a CPU.
+
+  Images shrink to 112 px (4 x 4 visual tokens, one 112-px window) and the
+  buckets to `common.runlocal`'s.
+  """
   common.runlocal(c)
-  c.data.prompt_buckets = (68,)
-  c.data.patch_buckets = (144,)
-  c.data.response_buckets = (8, 16)
+  c.model.scratch.vision.window_size = 112
+  c.data.synthetic.image_sizes = ((112, 112),)
   c.data.synthetic.num_train = 64
   c.data.synthetic.num_validation = 16
   c.data.synthetic.num_test = 16
