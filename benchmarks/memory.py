@@ -67,6 +67,13 @@ class Report:
     self.hbm = hbm
     self.rows = []
 
+  def compile(self, arch, program, shapes, lower):
+    """Compiles `lower()` (a `jax.stages.Lowered`), timing lowering and
+    compilation, and adds its row."""
+    t0 = time.perf_counter()
+    compiled = lower().compile()
+    self.add(arch, program, shapes, compiled, time.perf_counter() - t0)
+
   def add(self, arch, program, shapes, compiled, seconds):
     ma = compiled.memory_analysis()
     args = ma.argument_size_in_bytes / GiB
@@ -179,17 +186,12 @@ def decoder_program(arch, config, mesh, report, tokens: int):
     hidden = nnx.merge(graphdef, p)(ids, return_logits=False).hidden
     return jnp.sum(jnp.square(hidden.astype(jnp.float32)))
 
-  t0 = time.perf_counter()
   out_sh = jax.tree.map(lambda x: x.sharding, params)
-  compiled = (
-      jax.jit(jax.grad(loss), out_shardings=out_sh).lower(params, ids).compile()
-  )
-  report.add(
+  report.compile(
       arch,
       "decoder",
       f"1 x {tokens} tok/device, remat={config.model.remat}",
-      compiled,
-      time.perf_counter() - t0,
+      lambda: jax.jit(jax.grad(loss), out_shardings=out_sh).lower(params, ids),
   )
 
 
@@ -232,16 +234,13 @@ def update_program(arch, config, mesh, report):
       state_shardings=shardings,
       frozen=optim.frozen_patterns(rc.optim),
   )
-  t0 = time.perf_counter()
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-  compiled = update.lower(abstract_state, batch, rng).compile()
   v = patches // model_config.vision.merge_unit
-  report.add(
+  report.compile(
       arch,
       "update",
       f"{m} x {rows} rows ({rows // mesh.size}/device) {tp}+{r} tok, {v} vis",
-      compiled,
-      time.perf_counter() - t0,
+      lambda: update.lower(abstract_state, batch, rng),
   )
 
 
@@ -273,19 +272,14 @@ def rollout_program(arch, config, mesh, report):
   )
   row_ids = _sharded(mesh, jax.ShapeDtypeStruct((chunk,), jnp.int32), 0)
   sampling = rollout.SamplingConfig(num_samples=g, max_new_tokens=r)
-  t0 = time.perf_counter()
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-  compiled = (
-      rollout.Engine()
-      .lower(graphdef, sampling, params, prompts, rng, row_ids)
-      .compile()
-  )
-  report.add(
+  report.compile(
       arch,
       "rollout",
       f"{chunk} seq ({chunk // mesh.size}/device) {tp}+{r} tok",
-      compiled,
-      time.perf_counter() - t0,
+      lambda: rollout.Engine().lower(
+          graphdef, sampling, params, prompts, rng, row_ids
+      ),
   )
 
 

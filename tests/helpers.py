@@ -102,6 +102,38 @@ def random_pixels(rng, grids, patch_dim: int = 1176) -> np.ndarray:
   return rng.standard_normal((n, patch_dim)).astype(np.float32)
 
 
+def image_prompts(rng, grids_per_example) -> list[list[int]]:
+  """One prompt per example: text, then each image's tokens and text."""
+  prompts = []
+  for grids in grids_per_example:
+    p = random_text(rng, 3)
+    for g in grids:
+      p += image_tokens(g) + random_text(rng, 2)
+    prompts.append(p)
+  return prompts
+
+
+def hf_forward(hf, ids, mask, thw=None, pix=None, **kwargs):
+  """A `transformers` Qwen-VL forward on numpy inputs, with the
+  `mm_token_type_ids` it needs to build 3-D positions for images."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  if thw:
+    kwargs.update(
+        pixel_values=torch.tensor(pix),
+        image_grid_thw=torch.tensor(np.asarray(thw)),
+        mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64)),
+    )
+  with torch.no_grad():
+    return hf(
+        input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **kwargs
+    )
+
+
+def hf_logits(hf, ids, mask, thw=None, pix=None) -> np.ndarray:
+  return hf_forward(hf, ids, mask, thw, pix).logits.numpy()
+
+
 def example(rng, name, grids, n_before, n_after, **fields) -> Example:
   """A processed example: random text, its images, random text.
 
@@ -222,3 +254,58 @@ def final_params(workdir):
     )
   leaves = jax.tree_util.tree_leaves_with_path(restored["state"]["params"])
   return step, {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
+
+
+def check_cached_decoding(model, ids, mask, pos, vis, new, full_pos, ref):
+  """Prefills `ids` into a KV cache, then decodes `new` one token a step;
+  the prompt's and every step's logits must equal `ref`, the logits of one
+  full forward over ids + new (positions `full_pos`)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from faithful_rl.models import KVCache  # pylint: disable=g-import-not-at-top
+
+  (b, t), n = ids.shape, new.shape[1]
+  cache = KVCache.zeros(model.config.text, b, t + n, jnp.float32)
+  kv_mask = np.concatenate([mask, np.zeros((b, n), mask.dtype)], 1)
+  out = model(
+      ids,
+      attention_mask=kv_mask,
+      position_ids=pos,
+      vision=vis,
+      cache=cache,
+      cache_index=0,
+  )
+  real = mask.astype(bool)  # padding rows attend nowhere; not compared
+  np.testing.assert_allclose(out.logits[real], ref[:, :t][real], atol=1e-5)
+  cache = out.cache
+  for i in range(n):
+    kv_mask[:, t + i] = 1
+    step = model(
+        new[:, i : i + 1],
+        attention_mask=kv_mask,
+        position_ids=full_pos[:, :, t + i : t + i + 1],
+        cache=cache,
+        cache_index=t + i,
+    )
+    cache = step.cache
+    np.testing.assert_allclose(step.logits[:, 0], ref[:, t + i], atol=1e-5)
+
+
+def check_rope_index(hf, ids, mask, grids, config):
+  """Our 3-D M-RoPE positions and deltas equal `transformers`'; returns
+  our positions [3, B, T]."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  from faithful_rl.models import inputs  # pylint: disable=g-import-not-at-top
+
+  thw = [g for gs in grids for g in gs]
+  pos_ref, delta_ref = hf.model.get_rope_index(
+      torch.tensor(ids),
+      torch.tensor((ids == IMAGE).astype(np.int64)),
+      torch.tensor(thw),
+      attention_mask=torch.tensor(mask),
+  )
+  pos, delta = inputs.rope_index(ids, mask, grids, config)
+  np.testing.assert_array_equal(pos, pos_ref.numpy())
+  np.testing.assert_array_equal(delta, delta_ref.numpy().ravel())
+  return pos

@@ -42,31 +42,9 @@ def pair(request, tmp_path_factory):
   return config, hf, path, models.from_pretrained(path)
 
 
-def _hf_logits(hf, ids, mask, pix=None, thw=None):
-  kwargs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
-  if pix is not None:
-    kwargs.update(
-        pixel_values=torch.tensor(pix),
-        image_grid_thw=torch.tensor(np.asarray(thw)),
-        mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64)),
-    )
-  with torch.no_grad():
-    return hf(**kwargs).logits.numpy()
-
-
 def _check(ours, ref, mask):
   diff = np.abs(np.asarray(ours.logits) - ref)[np.asarray(mask, bool)]
   assert diff.max() <= TOL, diff.max()
-
-
-def _image_prompts(rng, grids_per_example):
-  prompts = []
-  for grids in grids_per_example:
-    p = helpers.random_text(rng, 3)
-    for g in grids:
-      p += helpers.image_tokens(g) + helpers.random_text(rng, 2)
-    prompts.append(p)
-  return prompts
 
 
 def test_text_only_batch(pair):
@@ -75,18 +53,20 @@ def test_text_only_batch(pair):
   ids, mask = helpers.make_batch(
       rng, [helpers.random_text(rng, 9), helpers.random_text(rng, 4)]
   )
-  _check(model(ids, attention_mask=mask), _hf_logits(hf, ids, mask), mask)
+  _check(
+      model(ids, attention_mask=mask), helpers.hf_logits(hf, ids, mask), mask
+  )
 
 
 def test_one_image(pair):
   _, hf, _, model = pair
   rng = np.random.default_rng(2)
   grids = [[(1, 8, 12)]]
-  ids, mask = helpers.make_batch(rng, _image_prompts(rng, grids))
+  ids, mask = helpers.make_batch(rng, helpers.image_prompts(rng, grids))
   thw = [g for gs in grids for g in gs]
   pix = helpers.random_pixels(rng, thw)
   out = model(ids, attention_mask=mask, pixel_values=pix, image_grid_thw=thw)
-  _check(out, _hf_logits(hf, ids, mask, pix, thw), mask)
+  _check(out, helpers.hf_logits(hf, ids, mask, thw, pix), mask)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -94,24 +74,24 @@ def test_batch_of_two_sizes_with_padding(pair, side):
   _, hf, _, model = pair
   rng = np.random.default_rng(3)
   grids = [[(1, 6, 10)], [(1, 12, 4)]]
-  prompts = _image_prompts(rng, grids)
+  prompts = helpers.image_prompts(rng, grids)
   prompts[1] += helpers.random_text(rng, 7)
   ids, mask = helpers.make_batch(rng, prompts, pad_side=side)
   thw = [g for gs in grids for g in gs]
   pix = helpers.random_pixels(rng, thw)
   out = model(ids, attention_mask=mask, pixel_values=pix, image_grid_thw=thw)
-  _check(out, _hf_logits(hf, ids, mask, pix, thw), mask)
+  _check(out, helpers.hf_logits(hf, ids, mask, thw, pix), mask)
 
 
 def test_two_images_in_one_prompt(pair):
   _, hf, _, model = pair
   rng = np.random.default_rng(4)
   grids = [[(1, 6, 6), (1, 10, 4)], [(1, 4, 8)]]
-  ids, mask = helpers.make_batch(rng, _image_prompts(rng, grids))
+  ids, mask = helpers.make_batch(rng, helpers.image_prompts(rng, grids))
   thw = [g for gs in grids for g in gs]
   pix = helpers.random_pixels(rng, thw)
   out = model(ids, attention_mask=mask, pixel_values=pix, image_grid_thw=thw)
-  _check(out, _hf_logits(hf, ids, mask, pix, thw), mask)
+  _check(out, helpers.hf_logits(hf, ids, mask, thw, pix), mask)
 
 
 def test_vision_tower_and_rope_index(pair):
@@ -119,7 +99,7 @@ def test_vision_tower_and_rope_index(pair):
   rng = np.random.default_rng(5)
   # 16x20 patches: windows of 4x4 patches leave partial windows at the edge.
   grids = [[(1, 16, 20), (1, 6, 6)], [(1, 10, 4)]]
-  ids, mask = helpers.make_batch(rng, _image_prompts(rng, grids))
+  ids, mask = helpers.make_batch(rng, helpers.image_prompts(rng, grids))
   thw = np.array([g for gs in grids for g in gs])
   pix = helpers.random_pixels(rng, thw)
   with torch.no_grad():
@@ -132,16 +112,7 @@ def test_vision_tower_and_rope_index(pair):
   ours = np.concatenate([out[b][vis.token_valid[b]] for b in range(2)])
   assert np.abs(ours - ref).max() <= 1e-5
 
-  mm = torch.tensor((ids == IMAGE).astype(np.int64))
-  pos_ref, delta_ref = hf.model.get_rope_index(
-      torch.tensor(ids),
-      mm,
-      torch.tensor(thw),
-      attention_mask=torch.tensor(mask),
-  )
-  pos, delta = inputs_lib.rope_index(ids, mask, grids, config)
-  np.testing.assert_array_equal(pos, pos_ref.numpy())
-  np.testing.assert_array_equal(delta, delta_ref.numpy().ravel())
+  helpers.check_rope_index(hf, ids, mask, grids, config)
 
 
 def test_round_trip_through_transformers(pair, tmp_path):
@@ -157,12 +128,12 @@ def test_round_trip_through_transformers(pair, tmp_path):
   back = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path))
   rng = np.random.default_rng(6)
   grids = [[(1, 8, 8)]]
-  ids, mask = helpers.make_batch(rng, _image_prompts(rng, grids))
+  ids, mask = helpers.make_batch(rng, helpers.image_prompts(rng, grids))
   thw = [g for gs in grids for g in gs]
   pix = helpers.random_pixels(rng, thw)
   np.testing.assert_array_equal(
-      _hf_logits(back.eval(), ids, mask, pix, thw),
-      _hf_logits(hf, ids, mask, pix, thw),
+      helpers.hf_logits(back.eval(), ids, mask, thw, pix),
+      helpers.hf_logits(hf, ids, mask, thw, pix),
   )
   again = models.from_pretrained(str(tmp_path))
   a = jax.tree.leaves(jax.tree.map(np.asarray, jax.tree.leaves(model)))
@@ -192,7 +163,7 @@ def test_orbax_cli_round_trip(pair, tmp_path):
 def _probe_setup(config, seed=7):
   rng = np.random.default_rng(seed)
   grids = [[(1, 8, 8)], [(1, 4, 12)]]
-  prompts = _image_prompts(rng, grids)
+  prompts = helpers.image_prompts(rng, grids)
   prompts[0] += helpers.random_text(rng, 6)
   ids, mask = helpers.make_batch(rng, prompts)
   thw = [g for gs in grids for g in gs]
@@ -391,7 +362,7 @@ def test_cached_decoding_equals_full_forward():
   model = models.create(config, seed=6)
   rng = np.random.default_rng(8)
   grids = [[(1, 8, 8)], [(1, 4, 12)]]
-  ids, mask = helpers.make_batch(rng, _image_prompts(rng, grids))
+  ids, mask = helpers.make_batch(rng, helpers.image_prompts(rng, grids))
   thw = [g for gs in grids for g in gs]
   pix = helpers.random_pixels(rng, thw)
   pos, delta = inputs_lib.rope_index(ids, mask, grids, config)
@@ -408,31 +379,7 @@ def test_cached_decoding_equals_full_forward():
       full_ids, attention_mask=full_mask, position_ids=full_pos, vision=vis
   ).logits
 
-  t, s = ids.shape[1], ids.shape[1] + 4
-  cache = models.KVCache.zeros(config.text, 2, s, jnp.float32)
-  kv_mask = np.concatenate([mask, np.zeros((2, 4), mask.dtype)], 1)
-  out = model(
-      ids,
-      attention_mask=kv_mask,
-      position_ids=pos,
-      vision=vis,
-      cache=cache,
-      cache_index=0,
-  )
-  real = mask.astype(bool)  # padding rows attend nowhere; not compared
-  np.testing.assert_allclose(out.logits[real], ref[:, :t][real], atol=1e-5)
-  cache = out.cache
-  for i in range(4):
-    kv_mask[:, t + i] = 1
-    step = model(
-        new[:, i : i + 1],
-        attention_mask=kv_mask,
-        position_ids=full_pos[:, :, t + i : t + i + 1],
-        cache=cache,
-        cache_index=t + i,
-    )
-    cache = step.cache
-    np.testing.assert_allclose(step.logits[:, 0], ref[:, t + i], atol=1e-5)
+  helpers.check_cached_decoding(model, ids, mask, pos, vis, new, full_pos, ref)
   # rope_deltas give the same decode positions.
   np.testing.assert_array_equal(nxt, mask.sum(1) + delta)
 
@@ -442,7 +389,7 @@ def test_bf16_forward_deviation(pair, capsys):
   model16 = models.from_pretrained(path, dtype=jnp.bfloat16)
   rng = np.random.default_rng(9)
   grids = [[(1, 8, 8)], [(1, 4, 12)]]
-  ids, mask = helpers.make_batch(rng, _image_prompts(rng, grids))
+  ids, mask = helpers.make_batch(rng, helpers.image_prompts(rng, grids))
   thw = [g for gs in grids for g in gs]
   pix = helpers.random_pixels(rng, thw)
   f32 = model32(ids, attention_mask=mask, pixel_values=pix, image_grid_thw=thw)
@@ -505,7 +452,7 @@ def test_bad_checkpoints_name_the_file_and_tensor(pair, tmp_path):
 def test_image_token_mismatch_is_an_error():
   config = helpers.tiny_config()
   rng = np.random.default_rng(10)
-  ids, _ = helpers.make_batch(rng, _image_prompts(rng, [[(1, 8, 8)]]))
+  ids, _ = helpers.make_batch(rng, helpers.image_prompts(rng, [[(1, 8, 8)]]))
   pix = helpers.random_pixels(rng, [(1, 8, 8)])
   with pytest.raises(ValueError, match="example 0"):
     inputs_lib.split_hf_images(ids, pix, [(1, 8, 12)], config)

@@ -71,30 +71,11 @@ def pair(request, tmp_path_factory):
 def _inputs(seed, grids_per_example, pad_side="left", extra=0):
   """(ids, mask, flat grids, HF-packed pixels) of prompts with images."""
   rng = np.random.default_rng(seed)
-  prompts = []
-  for grids in grids_per_example:
-    p = helpers.random_text(rng, 3)
-    for g in grids:
-      p += helpers.image_tokens(g) + helpers.random_text(rng, 2)
-    prompts.append(p)
+  prompts = helpers.image_prompts(rng, grids_per_example)
   prompts[-1] += helpers.random_text(rng, extra)
   ids, mask = helpers.make_batch(rng, prompts, pad_side=pad_side)
   thw = [g for gs in grids_per_example for g in gs]
   return ids, mask, thw, helpers.random_pixels(rng, thw, PATCH_DIM)
-
-
-def _hf_logits(hf, ids, mask, thw=None, pix=None, **kwargs):
-  if thw:
-    kwargs.update(
-        pixel_values=torch.tensor(pix),
-        image_grid_thw=torch.tensor(np.asarray(thw)),
-        mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64)),
-    )
-  with torch.no_grad():
-    out = hf(
-        input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **kwargs
-    )
-  return out
 
 
 def _diff(ours, ref, mask):
@@ -124,7 +105,7 @@ def test_text_only_batch(pair):
   ids, mask = helpers.make_batch(
       rng, [helpers.random_text(rng, 9), helpers.random_text(rng, 4)]
   )
-  ref = _hf_logits(hf, ids, mask).logits.numpy()
+  ref = helpers.hf_logits(hf, ids, mask)
   assert _diff(model(ids, attention_mask=mask).logits, ref, mask) <= TOL
 
 
@@ -151,7 +132,7 @@ def test_images(pair, case):
     pytest.skip("the tied head: two cases suffice")
   grids, side = CASES[case]
   ids, mask, thw, pix = _inputs(2, grids, side, extra=5)
-  ref = _hf_logits(hf, ids, mask, thw, pix).logits.numpy()
+  ref = helpers.hf_logits(hf, ids, mask, thw, pix)
   if case == "one_image":  # HF-style inputs, unjitted
     out = model(ids, attention_mask=mask, pixel_values=pix, image_grid_thw=thw)
     logits = out.logits
@@ -183,16 +164,7 @@ def test_vision_tower_deepstack_and_rope_index(pair):
   for ours, theirs in zip(features, ref.deepstack_features):
     assert np.abs(flat(ours) - theirs.numpy()).max() <= 1e-5
 
-  mm = torch.tensor((ids == IMAGE).astype(np.int64))
-  pos_ref, delta_ref = hf.model.get_rope_index(
-      torch.tensor(ids),
-      mm,
-      torch.tensor(thw),
-      attention_mask=torch.tensor(mask),
-  )
-  pos, delta = inputs_lib.rope_index(ids, mask, grids, config)
-  np.testing.assert_array_equal(pos, pos_ref.numpy())
-  np.testing.assert_array_equal(delta, delta_ref.numpy().ravel())
+  pos = helpers.check_rope_index(hf, ids, mask, grids, config)
   assert (pos[0] != pos[1]).any()  # truly 3-D on the image tokens
 
 
@@ -202,7 +174,7 @@ def test_deepstack_and_interleaving_change_image_logits_only(pair):
   if config.text.tie_word_embeddings:
     pytest.skip("one config suffices")
   ids, mask, thw, pix = _inputs(6, [[(1, 8, 12)]], extra=4)
-  ref = _hf_logits(hf, ids, mask, thw, pix).logits.numpy()
+  ref = helpers.hf_logits(hf, ids, mask, thw, pix)
   grids = [thw]
   pos, _ = inputs_lib.rope_index(ids, mask, grids, config)
   vis = inputs_lib.vision_inputs([pix], grids, 128, config.vision)
@@ -258,8 +230,8 @@ def test_round_trips_through_transformers(pair, tmp_path):
   back = Qwen3VLForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
   ids, mask, thw, pix = _inputs(7, [[(1, 8, 8)]])
   np.testing.assert_array_equal(
-      _hf_logits(back, ids, mask, thw, pix).logits.numpy(),
-      _hf_logits(hf, ids, mask, thw, pix).logits.numpy(),
+      helpers.hf_logits(back, ids, mask, thw, pix),
+      helpers.hf_logits(hf, ids, mask, thw, pix),
   )
 
 
@@ -364,7 +336,7 @@ def test_probe_matches_naive_slice_and_transformers_eager(pair):
   hf.config._attn_implementation = "eager"  # pylint: disable=protected-access
   hf.model.language_model.config._attn_implementation = "eager"  # pylint: disable=protected-access
   try:
-    ref = _hf_logits(hf, ids, mask, thw, pix, output_attentions=True)
+    ref = helpers.hf_forward(hf, ids, mask, thw, pix, output_attentions=True)
   finally:
     hf.config._attn_implementation = "sdpa"  # pylint: disable=protected-access
     hf.model.language_model.config._attn_implementation = "sdpa"  # pylint: disable=protected-access
@@ -408,26 +380,7 @@ def test_cached_decoding_equals_full_forward(pair):
   new_pos = np.broadcast_to(nxt[None, :, None] + np.arange(3), (3, 2, 3))
   full_pos = np.concatenate([pos, new_pos], 2)
   ref = _forward(model, full_ids, full_mask, full_pos, vis)
-  t = ids.shape[1]
-  cache = models.KVCache.zeros(config.text, 2, t + 3, jnp.float32)
-  kv_mask = np.concatenate([mask, np.zeros((2, 3), mask.dtype)], 1)
-  out = model(
-      ids, attention_mask=kv_mask, position_ids=pos, vision=vis, cache=cache
-  )
-  real = mask.astype(bool)
-  np.testing.assert_allclose(out.logits[real], ref[:, :t][real], atol=1e-5)
-  cache = out.cache
-  for i in range(3):
-    kv_mask[:, t + i] = 1
-    step = model(
-        new[:, i : i + 1],
-        attention_mask=kv_mask,
-        position_ids=full_pos[:, :, t + i : t + i + 1],
-        cache=cache,
-        cache_index=t + i,
-    )
-    cache = step.cache
-    np.testing.assert_allclose(step.logits[:, 0], ref[:, t + i], atol=1e-5)
+  helpers.check_cached_decoding(model, ids, mask, pos, vis, new, full_pos, ref)
 
 
 def test_greedy_rollout_equals_transformers_generate(pair):

@@ -30,13 +30,4 @@ _Context = Context  # the name tests built contexts under
 class Qwen2_5_VL(VisionLanguageModel):  # pylint: disable=invalid-name
   """Qwen2.5-VL for conditional generation (arguments: `VisionLanguageModel`)."""
 
-  def make_visual(self, vcfg, *, dtype, param_dtype, rngs):
-    return VisionTower(
-        vcfg,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        remat=self.remat,
-        attention=self.attention,
-        scan_layers=self.scan_layers,
-        rngs=rngs,
-    )
+  vision_tower = VisionTower

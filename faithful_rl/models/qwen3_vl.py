@@ -30,6 +30,7 @@ from flax import nnx
 from faithful_rl.models import layers
 from faithful_rl.models.config import Qwen3VisionConfig
 from faithful_rl.models.inputs import VisionInputs
+from faithful_rl.models.vision import StackedVisionTower
 from faithful_rl.models.vision import VisionAttention
 from faithful_rl.models.vision import vision_cos_sin
 from faithful_rl.models.vlm import VisionLanguageModel
@@ -131,40 +132,24 @@ class PatchMerger(nnx.Module):
     return self.linear_fc2(jax.nn.gelu(self.linear_fc1(x), approximate=False))
 
 
-class VisionTower(nnx.Module):
+class VisionTower(StackedVisionTower):
   """Patches -> (visual tokens [B, V, D], DeepStack features [N, B, V, D])."""
 
-  def __init__(
-      self,
-      cfg: Qwen3VisionConfig,
-      *,
-      dtype,
-      param_dtype=None,
-      remat: str = "none",
-      attention: str = "auto",
-      scan_layers: bool = True,
-      rngs: nnx.Rngs,
-  ):
-    param_dtype = param_dtype or dtype
-    self.cfg = cfg
-    self.dtype = dtype
-    self.remat = remat
-    self.attention = attention
-    self.scan_layers = scan_layers
-    kw = dict(dtype=dtype, param_dtype=param_dtype)
-    self.patch_embed = layers.linear(
-        cfg.patch_dim, cfg.hidden_size, bias=True, rngs=rngs, **kw
-    )
+  block = VisionBlock
+  patch_bias = True
+
+  def build(self, cfg, *, dtype, param_dtype, rngs):
     self.pos_embed = nnx.Embed(
         cfg.num_position_embeddings,
         cfg.hidden_size,
         embedding_init=nnx.initializers.normal(0.02),
+        dtype=dtype,
+        param_dtype=param_dtype,
         rngs=rngs,
-        **kw,
     )
-    self.blocks = layers.stacked(
-        cfg.depth, lambda r: VisionBlock(cfg, rngs=r, **kw), rngs
-    )
+
+  def build_mergers(self, cfg, *, dtype, param_dtype, rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.merger = PatchMerger(cfg, postshuffle=False, rngs=rngs, **kw)
     self.deepstack_merger_list = (
         layers.stacked(
@@ -186,10 +171,7 @@ class VisionTower(nnx.Module):
 
   def __call__(self, vis: VisionInputs):
     cfg = self.cfg
-    pix = jnp.take_along_axis(
-        vis.pixel_values, vis.patch_index[..., None], axis=1
-    )
-    x = self.patch_embed(pix.astype(self.dtype))
+    x = self.embed_patches(vis)
     x = x + self.position_embeddings(vis)
     cos, sin = vision_cos_sin(vis.rot_pos, cfg.head_dim, cfg.rope_theta)
     seg = vis.patch_seg
@@ -204,15 +186,7 @@ class VisionTower(nnx.Module):
     taps = sorted(set(indexes))
     features, start = [], 0
     for stop in [i + 1 for i in taps] + [cfg.depth]:
-      x, _ = layers.run_stack(
-          self.blocks,
-          run,
-          x,
-          start=start,
-          stop=stop,
-          remat=self.remat,
-          scan=self.scan_layers,
-      )
+      x = self.run_blocks(run, x, start, stop)
       start = stop
       if len(features) < len(taps):
         merger = layers.layer_slice(
@@ -231,16 +205,7 @@ class VisionTower(nnx.Module):
 class Qwen3_VL(VisionLanguageModel):  # pylint: disable=invalid-name
   """Qwen3-VL for conditional generation (arguments: `VisionLanguageModel`)."""
 
-  def make_visual(self, vcfg, *, dtype, param_dtype, rngs):
-    return VisionTower(
-        vcfg,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        remat=self.remat,
-        attention=self.attention,
-        scan_layers=self.scan_layers,
-        rngs=rngs,
-    )
+  vision_tower = VisionTower
 
   def vision_features(self, vision: VisionInputs):
     """(visual tokens [B, V, D], DeepStack features [N, B, V, D] or None)."""

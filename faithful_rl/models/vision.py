@@ -137,12 +137,22 @@ class PatchMerger(nnx.Module):
     return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
 
 
-class VisionTower(nnx.Module):
-  """Patches -> merged visual tokens: float[B, P, patch_dim] -> [B, V, D]."""
+class StackedVisionTower(nnx.Module):
+  """What both families' vision towers share: their settings, a linear
+  patch embedding, the blocks as one stacked module, and running a range of
+  them (scanned and rematerialised as the decoder's layers).
+
+  A family sets `block` (the block class, built as `block(cfg, dtype=...,
+  param_dtype=..., rngs=...)`) and `patch_bias`, and adds its other
+  modules in `build`.
+  """
+
+  block: type
+  patch_bias: bool
 
   def __init__(
       self,
-      cfg: VisionConfig,
+      cfg,
       *,
       dtype,
       param_dtype=None,
@@ -159,12 +169,52 @@ class VisionTower(nnx.Module):
     self.scan_layers = scan_layers
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.patch_embed = layers.linear(
-        cfg.patch_dim, cfg.hidden_size, bias=False, rngs=rngs, **kw
+        cfg.patch_dim, cfg.hidden_size, bias=self.patch_bias, rngs=rngs, **kw
     )
+    self.build(cfg, rngs=rngs, **kw)
     self.blocks = layers.stacked(
-        cfg.depth, lambda r: VisionBlock(cfg, rngs=r, **kw), rngs
+        cfg.depth, lambda r: self.block(cfg, rngs=r, **kw), rngs
     )
-    self.merger = PatchMerger(cfg, rngs=rngs, **kw)
+    self.build_mergers(cfg, rngs=rngs, **kw)
+
+  def build(self, cfg, *, dtype, param_dtype, rngs) -> None:
+    """Modules created before the blocks (none by default)."""
+
+  def build_mergers(self, cfg, *, dtype, param_dtype, rngs) -> None:
+    """Modules created after the blocks: the mergers."""
+    raise NotImplementedError
+
+  def embed_patches(self, vis: VisionInputs) -> jax.Array:
+    """Each slot's patch through the patch embedding: [B, P, D]."""
+    pix = jnp.take_along_axis(
+        vis.pixel_values, vis.patch_index[..., None], axis=1
+    )
+    return self.patch_embed(pix.astype(self.dtype))
+
+  def run_blocks(self, run, x: jax.Array, start: int, stop: int) -> jax.Array:
+    """Blocks [start, stop) over x; `run(block, x, i, xs) -> (x, None)`."""
+    x, _ = layers.run_stack(
+        self.blocks,
+        run,
+        x,
+        start=start,
+        stop=stop,
+        remat=self.remat,
+        scan=self.scan_layers,
+    )
+    return x
+
+
+class VisionTower(StackedVisionTower):
+  """Patches -> merged visual tokens: float[B, P, patch_dim] -> [B, V, D]."""
+
+  block = VisionBlock
+  patch_bias = False
+
+  def build_mergers(self, cfg, *, dtype, param_dtype, rngs):
+    self.merger = PatchMerger(
+        cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
 
   def block_runs(self) -> list[tuple[int, int, bool]]:
     """[(start, stop, full attention)] runs of blocks of one kind."""
@@ -178,10 +228,7 @@ class VisionTower(nnx.Module):
 
   def __call__(self, vis: VisionInputs) -> jax.Array:
     cfg = self.cfg
-    pix = jnp.take_along_axis(
-        vis.pixel_values, vis.patch_index[..., None], axis=1
-    )
-    x = self.patch_embed(pix.astype(self.dtype))
+    x = self.embed_patches(vis)
     cos, sin = vision_cos_sin(vis.rot_pos, cfg.head_dim, cfg.rope_theta)
     seg = vis.patch_seg
     in_window = jnp.where(seg >= 0, 0, -1)  # one window: real vs padding
@@ -195,14 +242,6 @@ class VisionTower(nnx.Module):
         x = layers.shard_batch(x)
         return block(x, cos, sin, block_seg, window, self.attention), None
 
-      x, _ = layers.run_stack(
-          self.blocks,
-          run,
-          x,
-          start=start,
-          stop=stop,
-          remat=self.remat,
-          scan=self.scan_layers,
-      )
+      x = self.run_blocks(run, x, start, stop)
     merged = self.merger(x)
     return jnp.take_along_axis(merged, vis.merge_restore[..., None], axis=1)

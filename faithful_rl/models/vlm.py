@@ -8,7 +8,7 @@ the stacked decoder, and one forward for training, rollout and evaluation.
   up to their own (prefill is T = prompt length, decoding T = 1).
 
 A family (`Qwen2_5_VL`, `Qwen3_VL`) only supplies its vision tower
-(`make_visual`) and what it returns (`vision_features`): merged visual
+(`vision_tower`) and what it returns (`vision_features`): merged visual
 tokens, plus for Qwen3-VL the DeepStack features that are added to the
 visual positions after the first decoder layers. The call signature is
 the same for every family, so rollout and training need no family code.
@@ -51,6 +51,8 @@ from faithful_rl.models.inputs import VisionInputs
 
 class VisionLanguageModel(nnx.Module):
   """A Qwen-VL model for conditional generation (see the module docstring).
+
+  A family subclass sets `vision_tower`, its tower's class.
 
   Args:
     config: the architecture.
@@ -97,8 +99,17 @@ class VisionLanguageModel(nnx.Module):
       )
 
   def make_visual(self, vcfg, *, dtype, param_dtype, rngs) -> nnx.Module:
-    """The family's vision tower."""
-    raise NotImplementedError
+    """The family's vision tower: `vision_tower` built with this model's
+    dtypes, remat, attention and scan settings."""
+    return self.vision_tower(
+        vcfg,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        remat=self.remat,
+        attention=self.attention,
+        scan_layers=self.scan_layers,
+        rngs=rngs,
+    )
 
   def vision_features(self, vision: VisionInputs):
     """(merged visual tokens [B, V, D], DeepStack features [N, B, V, D] or
