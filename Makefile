@@ -23,4 +23,4 @@ lint: $(VENV)/.test
 	$(VENV)/bin/pyink --check --quiet faithful_rl tests benchmarks configs scripts experiments
 
 test: $(VENV)/.test lint
-	$(PY) -m pytest -q -x tests
+	$(PY) -m pytest -q -x --numprocesses=auto --maxprocesses=4 --dist=loadfile tests

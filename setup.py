@@ -41,6 +41,7 @@ setuptools.setup(
         "wandb": ["wandb"],  # metrics to Weights & Biases (optional)
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",
             "torch==2.13.0",
             "pyink==26.5.1",
             "nbclient",

@@ -66,13 +66,29 @@ def _variant(model, **options):
   return nnx.merge(graphdef, nnx.state(model))
 
 
-def _grads(model, batch, targets):
+def _forward_and_grads(model, batch, targets):
+  """Jitted: (logits, the probe's layer-1 attention, grads of `_loss`)."""
   graphdef, state = nnx.split(model)
 
   def f(state):
-    return _loss(nnx.merge(graphdef, state), batch, targets)[0]
+    loss, out = _loss(nnx.merge(graphdef, state), batch, targets)
+    return loss, (out.logits, out.visual_attention[1])
 
-  return jax.jit(jax.grad(f))(state)
+  (_, (logits, attn)), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(
+      state
+  )
+  return np.asarray(logits), np.asarray(attn), grads
+
+
+@pytest.fixture(scope="module")
+def unrolled():
+  """The plain model (a Python loop over layers, no remat, masked-softmax
+  attention), its batch, and its forward and gradients, computed once."""
+  config = helpers.tiny_config()
+  base = models.create(config, seed=1, scan_layers=False, remat="none",
+                       attention="xla")  # fmt: skip
+  batch, targets = _batch(config)
+  return base, batch, targets, _forward_and_grads(base, batch, targets)
 
 
 @pytest.mark.parametrize(
@@ -85,24 +101,14 @@ def _grads(model, batch, targets):
         dict(scan_layers=True, remat="full", attention="splash"),
     ],
 )
-def test_scanned_remat_fused_equals_unrolled(options):
-  config = helpers.tiny_config()
-  base = models.create(config, seed=1, scan_layers=False, remat="none",
-                       attention="xla")  # fmt: skip
-  other = _variant(base, **options)
-  batch, targets = _batch(config)
-  (_, out0), (_, out1) = _loss(base, batch, targets), _loss(
-      other, batch, targets
+def test_scanned_remat_fused_equals_unrolled(options, unrolled):
+  base, batch, targets, (logits0, attn0, g0) = unrolled
+  logits1, attn1, g1 = _forward_and_grads(
+      _variant(base, **options), batch, targets
   )
   real = np.asarray(batch["mask"], bool)
-  np.testing.assert_allclose(
-      np.asarray(out1.logits)[real], np.asarray(out0.logits)[real], atol=1e-6
-  )
-  np.testing.assert_allclose(
-      out1.visual_attention[1], out0.visual_attention[1], atol=1e-6
-  )
-  g0 = _grads(base, batch, targets)
-  g1 = _grads(other, batch, targets)
+  np.testing.assert_allclose(logits1[real], logits0[real], atol=1e-6)
+  np.testing.assert_allclose(attn1, attn0, atol=1e-6)
   for (path, a), (_, b) in zip(nnx.to_flat_state(g0), nnx.to_flat_state(g1)):
     np.testing.assert_allclose(a[...], b[...], atol=1e-5, err_msg=str(path))
 
@@ -175,12 +181,17 @@ def test_bf16_compute_float32_masters_learn_at_lr_1e6(tmp_path):
 
     def loss(p):
       out = _loss(nnx.merge(graphdef, p), batch, targets)
-      return out[0], out[1].hidden.dtype
+      return out[0], out[1].hidden[0, 0, :1]
 
-    (_, hidden_dtype), grads = jax.value_and_grad(loss, has_aux=True)(params)
-    assert hidden_dtype == jnp.bfloat16  # the compute dtype
-    updates, opt_state = tx.update(grads, tx.init(params), params)
-    return params, optax.apply_updates(params, updates), opt_state, grads
+    @jax.jit
+    def step(params):
+      (_, hidden), grads = jax.value_and_grad(loss, has_aux=True)(params)
+      updates, opt_state = tx.update(grads, tx.init(params), params)
+      return optax.apply_updates(params, updates), opt_state, grads, hidden
+
+    new, opt_state, grads, hidden = step(params)
+    assert hidden.dtype == jnp.bfloat16  # the compute dtype
+    return params, new, opt_state, grads
 
   def moved(old, new, grads):
     """Per tensor: the fraction of entries with a gradient that moved."""
