@@ -126,7 +126,10 @@ def bench_speed(repeats: int, family: str):
   thw = np.array([grid, grid])
 
   pix_list, grids = inputs_lib.split_hf_images(ids, pix, thw, config)
-  vis = inputs_lib.vision_inputs(pix_list, grids, 1024, config.vision)
+  # The patch bucket is the layout's exact size (no padding slots), so that
+  # both sides process the same patches.
+  bucket = max(inputs_lib.layout_patches(g, config.vision) for g in grids)
+  vis = inputs_lib.vision_inputs(pix_list, grids, bucket, config.vision)
   pos, _ = inputs_lib.rope_index(ids, mask, grids, config)
 
   from flax import nnx

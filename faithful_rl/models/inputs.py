@@ -105,7 +105,7 @@ def frame_windows(gh: int, gw: int, vcfg: VisionConfig) -> list[np.ndarray]:
 
 def layout_patches(grids, vcfg: VisionConfig) -> int:
   """Slots the layout of these images needs (a patch bucket must hold it)."""
-  m, unit = vcfg.spatial_merge_size, vcfg.merge_unit
+  m = vcfg.spatial_merge_size
   total = 0
   for t, h, w in grids:
     if vcfg.has_windows:
@@ -113,7 +113,6 @@ def layout_patches(grids, vcfg: VisionConfig) -> int:
       total += t * n_win * vcfg.window_patches
     else:
       total += t * h * w
-  del unit
   return total
 
 
