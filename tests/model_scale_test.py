@@ -21,12 +21,7 @@ def _batch(config, seed=0):
   """Two left-padded prompts with images of different sizes, plus a probe."""
   rng = np.random.default_rng(seed)
   grids = [[(1, 8, 8)], [(1, 4, 12)]]
-  prompts = []
-  for gs in grids:
-    p = helpers.random_text(rng, 3)
-    for g in gs:
-      p += helpers.image_tokens(g) + helpers.random_text(rng, 2)
-    prompts.append(p)
+  prompts = helpers.image_prompts(rng, grids)
   prompts[0] += helpers.random_text(rng, 6)
   ids, mask = helpers.make_batch(rng, prompts)
   pix = [helpers.random_pixels(rng, gs) for gs in grids]

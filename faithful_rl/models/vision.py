@@ -144,7 +144,9 @@ class StackedVisionTower(nnx.Module):
 
   A family sets `block` (the block class, built as `block(cfg, dtype=...,
   param_dtype=..., rngs=...)`) and `patch_bias`, and adds its other
-  modules in `build`.
+  modules in `build` (created before the blocks) and `build_mergers`
+  (after them). The two hooks keep each family's module creation order,
+  and with it the random initialisation a seed gives.
   """
 
   block: type

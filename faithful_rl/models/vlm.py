@@ -70,6 +70,8 @@ class VisionLanguageModel(nnx.Module):
     rngs: initialisation randomness.
   """
 
+  vision_tower: type  # the family's tower class
+
   def __init__(
       self,
       config: ModelConfig,
