@@ -95,6 +95,7 @@ def _alternate(fns, repeats):
   times = [[] for _ in fns]
   for _ in range(repeats):
     for fn, t in zip(fns, times):
+      time.sleep(0.05)  # let torch's spinning OpenMP threads go idle
       t0 = time.perf_counter()
       fn()
       t.append(time.perf_counter() - t0)

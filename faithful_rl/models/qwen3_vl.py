@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from faithful_rl.models import layers
@@ -184,22 +185,28 @@ class VisionTower(StackedVisionTower):
     # HF: the k-th feature (by block) comes from merger indexes.index(block).
     indexes = list(cfg.deepstack_visual_indexes)
     taps = sorted(set(indexes))
-    features, start = [], 0
+    tapped, start = [], 0
     for stop in [i + 1 for i in taps] + [cfg.depth]:
       x = self.run_blocks(run, x, start, stop)
       start = stop
-      if len(features) < len(taps):
-        merger = layers.layer_slice(
-            self.deepstack_merger_list, indexes.index(stop - 1)
-        )
-        features.append(merger(x))
+      if len(tapped) < len(taps):
+        tapped.append(x)
     restore = lambda t: jnp.take_along_axis(
         t, vis.merge_restore[..., None], axis=1
     )
     tokens = restore(self.merger(x))
-    if not features:
+    if not tapped:
       return tokens, None
-    return tokens, jnp.stack([restore(f) for f in features])
+    # All DeepStack mergers at once, over their stacked parameters (taking
+    # one merger out of the stack would copy its weights).
+    graphdef, state = nnx.split(self.deepstack_merger_list)
+    order = [indexes.index(t) for t in taps]
+    if order != list(range(len(indexes))):
+      state = jax.tree.map(lambda a: a[np.asarray(order)], state)
+    features = jax.vmap(lambda st, h: nnx.merge(graphdef, st)(h))(
+        state, jnp.stack(tapped)
+    )
+    return tokens, jax.vmap(restore)(features)
 
 
 class Qwen3_VL(VisionLanguageModel):  # pylint: disable=invalid-name

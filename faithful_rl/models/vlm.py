@@ -63,8 +63,8 @@ class VisionLanguageModel(nnx.Module):
       (only its input) or 'dots' (its matmul outputs); see
       `layers.REMAT_POLICIES`.
     attention: the main attention's implementation, 'auto' (XLA on CPU,
-      splash on TPU, cuDNN on GPU), 'xla', 'flash', 'splash' or 'cudnn'
-      (see `attention`).
+      blocked flash there from 1,024 keys, splash on TPU, cuDNN on GPU),
+      'xla', 'flash', 'splash' or 'cudnn' (see `attention`).
     scan_layers: run the layers as one `lax.scan` (False: a Python loop over
       the same stacked parameters, the unrolled reference).
     rngs: initialisation randomness.
