@@ -123,35 +123,6 @@ def test_scanned_program_does_not_grow_with_depth():
   assert hlo_size(8, False) > 2 * hlo_size(2, False)
 
 
-def test_a_scanned_part_of_the_stack_reads_its_layers_in_place():
-  """Layers [1, 3) of 4 run without a copy of their parameters (the
-  compiled forward's temporaries, the running layer's included, are
-  smaller than the two layers), and equal the unrolled loop in values and
-  gradients."""
-  from faithful_rl.models import layers
-
-  stack = layers.stacked(4, lambda r: nnx.Linear(256, 256, rngs=r), nnx.Rngs(0))
-  graphdef, state = nnx.split(stack)
-  x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 256)))
-
-  def run(state, x, scan):
-    body = lambda layer, h, i, xs: (jnp.tanh(layer(h)), None)
-    out, _ = layers.run_stack(nnx.merge(graphdef, state), body, x,
-                              start=1, stop=3, scan=scan)  # fmt: skip
-    return (out**2).sum()
-
-  compiled = jax.jit(lambda s, x: run(s, x, True)).lower(state, x).compile()
-  layer_bytes = 256 * 257 * 4
-  assert compiled.memory_analysis().temp_size_in_bytes < 2 * layer_bytes
-  for f in (run, jax.grad(run)):
-    got, want = f(state, x, True), f(state, x, False)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-  # Layers 0 and 3 are not run: no gradient reaches them.
-  g = jax.grad(run)(state, x, True)
-  assert not np.asarray(g["kernel"][...][np.array([0, 3])]).any()
-
-
 def test_flash_prefill_and_cached_decode_equal_the_full_forward():
   config = helpers.tiny_config()
   model = _variant(models.create(config, seed=2), attention="flash")

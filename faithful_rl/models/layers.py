@@ -232,13 +232,11 @@ def run_stack(
     return carry, None
   graphdef, state = nnx.split(stack)
   n = jax.tree.leaves(state)[0].shape[0]
-  whole = (start, stop) == (0, n)
+  if (start, stop) != (0, n):
+    state = jax.tree.map(lambda a: a[start:stop], state)
 
   def step(carry, inputs):
     i, layer_state, x = inputs
-    if layer_state is None:  # a part of the stack: layer i read in place
-      take = lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
-      layer_state = jax.tree.map(take, state)
     return fn(nnx.merge(graphdef, layer_state), carry, i, x)
 
   if remat != "none":
@@ -247,15 +245,11 @@ def run_stack(
     )
   idx = jnp.arange(start, stop, dtype=jnp.int32)
   if scan:
-    # The whole stack is scanned over; a part of it is indexed layer by
-    # layer inside the loop rather than sliced first, which would copy the
-    # part's parameters (`model_scale_test` checks the compiled memory and
-    # that the gradients are the same).
-    return jax.lax.scan(step, carry, (idx, state if whole else None, xs))
+    return jax.lax.scan(step, carry, (idx, state, xs))
   ys = []
   for j in range(stop - start):
     take = lambda a, j=j: a[j]
-    carry, y = step(carry, (idx[j], jax.tree.map(lambda a: a[start + j], state),
+    carry, y = step(carry, (idx[j], jax.tree.map(take, state),
                             jax.tree.map(take, xs)))  # fmt: skip
     ys.append(y)
   return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
