@@ -20,13 +20,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
-
-# Between timed calls: torch's OpenMP threads spin for milliseconds after
-# each parallel region, and would slow whichever call comes next.
-SETTLE_S = 0.05
+import timing
 
 
 def shapes():
@@ -114,14 +110,8 @@ def main(argv=None):
     calls["torch sdpa"] = torch_sdpa
     for c in calls.values():
       c()  # compile / warm up
-    times = {n: [] for n in calls}
-    for _ in range(args.repeats):
-      for n, c in calls.items():
-        time.sleep(SETTLE_S)
-        t0 = time.perf_counter()
-        c()
-        times[n].append(time.perf_counter() - t0)
-    med = {n: float(np.median(t)) * 1e3 for n, t in times.items()}
+    med = timing.alternate(list(calls.values()), args.repeats)
+    med = {n: m * 1e3 for n, m in zip(calls, med)}
     row = ", ".join(
         f"{n} {m:.2f} ms ({m / med['auto']:.2f}x auto)" for n, m in med.items()
     )

@@ -27,6 +27,7 @@ import tempfile
 import time
 
 import numpy as np
+import timing
 
 
 def mid_config(family: str = "qwen2_5_vl"):
@@ -67,21 +68,6 @@ def mid_config(family: str = "qwen2_5_vl"):
       eos_token_id=2,
       pad_token_id=0,
   )
-
-
-def _alternate(fns, repeats):
-  """Median seconds of each of `fns` (after a warm-up call), called in turn
-  `repeats` times, so that a busy machine slows all of them alike."""
-  for fn in fns:
-    fn()  # warm-up (and compile)
-  times = [[] for _ in fns]
-  for _ in range(repeats):
-    for fn, t in zip(fns, times):
-      time.sleep(0.05)  # let torch's spinning OpenMP threads go idle
-      t0 = time.perf_counter()
-      fn()
-      t.append(time.perf_counter() - t0)
-  return [float(np.median(t)) for t in times]
 
 
 def bench_speed(repeats: int, family: str):
@@ -171,15 +157,15 @@ def bench_speed(repeats: int, family: str):
     with torch.no_grad():
       hf.model.visual(t_pix, grid_thw=t_thw)
 
-  ours, ref, ours_vis, ref_vis = _alternate(
-      [
-          lambda: forward(params, *args, vis).block_until_ready(),
-          reference,
-          lambda: jax.block_until_ready(vision_tower(params, vis)),
-          reference_vision,
-      ],
-      repeats,
-  )
+  calls = [
+      lambda: forward(params, *args, vis).block_until_ready(),
+      reference,
+      lambda: jax.block_until_ready(vision_tower(params, vis)),
+      reference_vision,
+  ]
+  for call in calls:
+    call()  # warm-up (and compile)
+  ours, ref, ours_vis, ref_vis = timing.alternate(calls, repeats)
   print(
       f"{family} forward, batch 2 x (1 image 448x448 + {ids.shape[1] - n_img}"
       " text"

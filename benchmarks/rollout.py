@@ -23,6 +23,7 @@ import tempfile
 import time
 
 import numpy as np
+import timing
 
 IMAGE_SIZES = ((112, 112), (224, 224), (168, 112), (112, 224), (196, 140))
 
@@ -88,18 +89,6 @@ def make_inputs(config, batch: int, seed: int = 0):
     ids[i, length - len(p) :] = p
     mask[i, length - len(p) :] = 1
   return ids, mask, pix, grids
-
-
-def _alternate(fns, repeats):
-  """Median seconds of each of `fns`, called in turn `repeats` times."""
-  times = [[] for _ in fns]
-  for _ in range(repeats):
-    for fn, t in zip(fns, times):
-      time.sleep(0.05)  # let torch's spinning OpenMP threads go idle
-      t0 = time.perf_counter()
-      fn()
-      t.append(time.perf_counter() - t0)
-  return [float(np.median(t)) for t in times]
 
 
 def main(argv=None):
@@ -194,7 +183,7 @@ def main(argv=None):
   ref = theirs(r)  # warm-up
   ref = ref[:, ids.shape[1] :].numpy()
   assert ref.shape == (b, r), ref.shape
-  t_ours, t_hf, t_ours1, t_hf1 = _alternate(
+  t_ours, t_hf, t_ours1, t_hf1 = timing.alternate(
       [lambda: ours(r), lambda: theirs(r), lambda: ours(1), lambda: theirs(1)],
       args.repeats,
   )

@@ -109,6 +109,36 @@ def test_flash_memory_is_linear_in_length():
   assert temp_bytes(attention.flash_attention) < scores / 4
 
 
+def test_auto_on_cpu_is_flash_from_the_key_threshold_on():
+  """Below `CPU_FLASH_MIN_KEYS` keys 'auto' is xla's program, from there
+  on flash's (no [T, S] scores among its temporaries); both equal the
+  dense softmax."""
+  n = attention.CPU_FLASH_MIN_KEYS
+  b, h, d = 1, 2, 8
+
+  def temp_bytes(s):
+    q = jax.ShapeDtypeStruct((b, s, h, d), jnp.float32)
+    kv = jax.ShapeDtypeStruct((b, h, s, d), jnp.float32)
+    seg = jax.ShapeDtypeStruct((b, s), jnp.int32)
+    f = lambda q, k, v, seg: attention.attend(
+        q, k, v, q_seg=seg, kv_seg=seg, scale=0.25, impl="auto"
+    )
+    return jax.jit(f).lower(q, kv, kv, seg).compile().memory_analysis(
+    ).temp_size_in_bytes  # fmt: skip
+
+  assert temp_bytes(n - 8) > b * h * (n - 8) ** 2 * 4
+  # flash holds a few [128, 1024] tiles, each 1/8 of the [T, S] scores
+  assert temp_bytes(n) < b * h * n * n * 4 / 2
+  for s in (n - 8, n):
+    q, k, v, mask = _inputs(7, b, s, s, h, h, d, causal=False)
+    out = attention.attend(q, k, v, **mask, scale=0.25, impl="auto")
+    real = np.asarray(mask["q_seg"], bool)[..., None, None]
+    want = _naive(q, k, v, **mask, scale=0.25)
+    np.testing.assert_allclose(
+        np.where(real, out, 0), np.where(real, want, 0), atol=1e-5
+    )
+
+
 def test_unknown_implementation_is_an_error():
   with pytest.raises(ValueError, match="cudnn9"):
     attention.resolve("cudnn9")
