@@ -34,9 +34,11 @@ Print once, then paste the figures into the README with the device name.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
+import traceback
 
 import numpy as np
 
@@ -401,6 +403,56 @@ def bench_kernels(args, config, model_config):
               flash_ms=sec_f * 1e3, tokens=tp)  # fmt: skip
 
 
+def _report_update(args, config, model_config, graphdef, params, *, peak, hbm):
+  del hbm
+  u = bench_update(args, config, model_config, graphdef, params)
+  mfu = u["tflops"] / peak if peak else float("nan")
+  print(
+      f"update  {u['shape']}: {u['seconds'] * 1e3:.0f} ms,"
+      f" {u['tokens_per_sec']:.0f} tokens/s, {u['tflops']:.1f} TFLOP/s,"
+      f" MFU {100 * mfu:.1f}% (compile {u['compile_s']:.0f} s)"
+  )
+  return dict(u, mfu=mfu)
+
+
+def _report_decode(args, config, model_config, graphdef, params, *, peak, hbm):
+  del peak
+  d = bench_decode(args, config, model_config, graphdef, params)
+  roof = d["step_bytes"] / (hbm * 1e9) if hbm else float("nan")
+  share = roof / (d["step_ms"] / 1e3) if hbm else float("nan")
+  print(
+      f"decode  {d['shape']}: {d['tokens_per_sec']:.0f} tokens/s,"
+      f" {d['step_ms']:.2f} ms/step; roofline {roof * 1e3:.2f} ms/step"
+      f" ({d['step_bytes'] / 1e9:.2f} GB read), {100 * share:.0f}% of it"
+  )
+  return dict(d, roofline_share=share)
+
+
+def _report_kernels(args, config, model_config, graphdef, params, *, peak,
+                    hbm):  # fmt: skip
+  del graphdef, params, peak, hbm
+  k = bench_kernels(args, config, model_config)
+  print(
+      f"attention prefill ({k['tokens']} tokens): {k['native']}"
+      f" {k['native_ms']:.2f} ms vs flash {k['flash_ms']:.2f} ms, max"
+      f" |diff| {k['diff']:.2e}"
+  )
+  return k
+
+
+def _report_numerics(args, config, model_config, graphdef, params, *, peak,
+                     hbm):  # fmt: skip
+  del peak, hbm
+  n = bench_numerics(args, config, model_config, graphdef, params)
+  print(
+      f"log-probs of {n['tokens']} sampled tokens: sampler vs training"
+      f" forward (bf16) max {n['vs_train_max']:.2e} mean"
+      f" {n['vs_train_mean']:.2e}; vs a float32 forward max"
+      f" {n['vs_f32_max']:.2e} mean {n['vs_f32_mean']:.2e}"
+  )
+  return n
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--variant", default="3b")
@@ -417,6 +469,9 @@ def main(argv=None):
   )
   parser.add_argument(
       "--skip", default="", help="any of update,decode,kernels,numerics"
+  )
+  parser.add_argument(
+      "--out", default="", help="also write the figures to this JSON file"
   )
   args = parser.parse_args(argv)
   if args.tiny:
@@ -436,44 +491,31 @@ def main(argv=None):
       f" {peak or '?'} TFLOP/s bf16, HBM {hbm or '?'} GB/s;"
       f" attention={config.model.attention}, remat={config.model.remat}"
   )
-  results = {}
+  results, failed = {}, []
   skip = set(args.skip.split(","))
-  if "update" not in skip:
-    u = bench_update(args, config, model_config, graphdef, params)
-    mfu = u["tflops"] / peak if peak else float("nan")
-    print(
-        f"update  {u['shape']}: {u['seconds'] * 1e3:.0f} ms,"
-        f" {u['tokens_per_sec']:.0f} tokens/s, {u['tflops']:.1f} TFLOP/s,"
-        f" MFU {100 * mfu:.1f}% (compile {u['compile_s']:.0f} s)"
-    )
-    results["update"] = dict(u, mfu=mfu)
-  if "decode" not in skip:
-    d = bench_decode(args, config, model_config, graphdef, params)
-    roof = d["step_bytes"] / (hbm * 1e9) if hbm else float("nan")
-    share = roof / (d["step_ms"] / 1e3) if hbm else float("nan")
-    print(
-        f"decode  {d['shape']}: {d['tokens_per_sec']:.0f} tokens/s,"
-        f" {d['step_ms']:.2f} ms/step; roofline {roof * 1e3:.2f} ms/step"
-        f" ({d['step_bytes'] / 1e9:.2f} GB read), {100 * share:.0f}% of it"
-    )
-    results["decode"] = dict(d, roofline_share=share)
-  if "kernels" not in skip:
-    k = bench_kernels(args, config, model_config)
-    print(
-        f"attention prefill ({k['tokens']} tokens): {k['native']}"
-        f" {k['native_ms']:.2f} ms vs flash {k['flash_ms']:.2f} ms, max"
-        f" |diff| {k['diff']:.2e}"
-    )
-    results["kernels"] = k
-  if "numerics" not in skip:
-    n = bench_numerics(args, config, model_config, graphdef, params)
-    print(
-        f"log-probs of {n['tokens']} sampled tokens: sampler vs training"
-        f" forward (bf16) max {n['vs_train_max']:.2e} mean"
-        f" {n['vs_train_mean']:.2e}; vs a float32 forward max"
-        f" {n['vs_f32_max']:.2e} mean {n['vs_f32_mean']:.2e}"
-    )
-    results["numerics"] = n
+  for name, section in (
+      ("update", _report_update),
+      ("decode", _report_decode),
+      ("kernels", _report_kernels),
+      ("numerics", _report_numerics),
+  ):
+    if name in skip:
+      continue
+    # One section failing (a kernel this backend lacks, memory) must not
+    # cost the others' figures on a machine that is lent by the minute.
+    try:
+      results[name] = section(args, config, model_config, graphdef, params,
+                              peak=peak, hbm=hbm)  # fmt: skip
+    except Exception:  # pylint: disable=broad-except
+      traceback.print_exc()
+      print(f"{name}: FAILED (traceback above)")
+      failed.append(name)
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump(dict(device=device.device_kind, results=results,
+                       failed=failed), f, indent=1)  # fmt: skip
+  if failed:
+    raise SystemExit(f"sections failed: {', '.join(failed)}")
   return results
 
 

@@ -1,5 +1,6 @@
 """The accelerator benchmark runs end to end (a CPU dry run, tiny model)."""
 
+import json
 import os
 import sys
 
@@ -43,3 +44,21 @@ def test_model_flops_by_hand():
   keys = 4 * 4 / 2 + 2 * 2 * (4 + 2 / 2)  # 8 + 20
   want = 6 * 90 * 8 + 12 * 2 * 4 * 8 * keys + 2 * 10 * 8
   assert flops == want
+
+
+def test_a_failing_section_keeps_the_others_figures(tmp_path, monkeypatch):
+  """A section that raises is reported and fails the run, but the sections
+  after it still run and every figure reaches the JSON file."""
+
+  def broken(*args, **kwargs):
+    raise RuntimeError("no such kernel on this backend")
+
+  monkeypatch.setattr(accelerator, "bench_decode", broken)
+  out = tmp_path / "figures.json"
+  with pytest.raises(SystemExit, match="sections failed: decode"):
+    accelerator.main(
+        ["--tiny", "--repeats=1", "--skip=update,numerics", f"--out={out}"]
+    )
+  written = json.loads(out.read_text())
+  assert written["failed"] == ["decode"]
+  assert written["results"]["kernels"]["diff"] < 0.05
