@@ -163,6 +163,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.clip_ratio_c = 3.0  # dual clip (verl, VPPO); 0 turns it off
   c.rl.aggregation = "token-mean"
   c.rl.kl_beta = 0.0
+  # The PPO ratio's old log-probs: 'sampler' (the rollout's own) or
+  # 'recompute' (the training forward over the batch, one more forward).
+  c.rl.old_logp = "sampler"
   c.rl.std_mode = "sample"  # [open] group std: sample (verl) | population
   c.rl.scale_advantages = True  # False: Dr.GRPO (no std division)
   c.rl.dynamic_sampling = True
@@ -288,6 +291,9 @@ def real_checkpoint(c, arg, family: str):
   c.data.response_buckets = (256, 512, 1024)
   c.data.processor.max_pixels = 1280 * fam["token_px"] ** 2  # 1,280 tokens
   c.model.remat = "full"  # benchmarks/memory.py: what makes the recipes fit
+  # In bf16 the sampler's log-probs are 0.03 nats per token off the
+  # training forward's (3B, H200, docs/models.md): recompute them.
+  c.rl.old_logp = "recompute"
   c.rl.num_prompts = 256 if arg.variant == "3b" else 512
   c.rl.gen_prompts = 3 * c.rl.num_prompts
   c.rl.max_rounds = 10

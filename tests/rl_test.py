@@ -243,6 +243,20 @@ def test_check_sizes_names_the_key():
   c.micro_batch, c.analysis_chunk = 8, 64
   with pytest.raises(ValueError, match="rl.analysis_chunk=64"):
     rl.check_sizes(c)
+  c.analysis_chunk, c.old_logp = 8, "trainer"
+  with pytest.raises(ValueError, match="rl.old_logp must be one of"):
+    rl.check_sizes(c)
+
+
+def test_logp_gap_by_hand():
+  """|sampler - recomputed| over real tokens only: the padded token's gap
+  of 5 is not counted."""
+  sampler = jnp.array([[-1.0, -2.0, -3.0], [-0.5, -4.0, -1.0]])
+  recomputed = jnp.array([[-1.5, -2.0, 2.0], [-0.25, -4.0, -1.0]])
+  mask = jnp.array([[True, True, False], [True, True, True]])
+  gap = analysis.logp_gap(sampler, recomputed, mask)
+  np.testing.assert_allclose(gap["old_logp_gap_mean"], 0.75 / 5)
+  np.testing.assert_allclose(gap["old_logp_gap_max"], 0.5)
 
 
 def test_pad_prompts_equals_collating_at_the_larger_buckets():

@@ -247,6 +247,10 @@ def test_a_registered_loss_trains_by_its_name(tmp_path, monkeypatch):
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   train_rows = [r for r in rows if r["split"] == "train"]
   assert train_rows[-1]["marker"] == 7.0 and train_rows[-1]["step"] == 1
+  # The real recipes recompute old_logp; in float32 (runlocal) the
+  # sampler's agree with the training forward's.
+  assert config.rl.old_logp == "recompute"
+  assert 0 <= train_rows[-1]["old_logp_gap_max"] < 1e-5
   assert fake.inits[0]["project"] == "faithful_rl_test"
   assert fake.logs == [(1, {k: v for k, v in fake.logs[0][1].items()})]
   assert fake.logs[0][1]["train/marker"] == 7.0 and fake.finished == 1

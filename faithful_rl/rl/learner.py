@@ -3,6 +3,7 @@
   rounds, kept = collect(...)       # sample G responses per prompt, in
                                     # rounds, keep groups whose rewards differ
   batch = assemble(rounds, kept)    # one RolloutBatch on the mesh
+  batch.old_logp = reference(...)   # rl.old_logp='recompute', in chunks
   batch.ref_logp = reference(...)   # kl_beta > 0, in chunks
   analysis = analyze(...)           # Faithful-MR1 / VPPO, in chunks
   batch = finalize(batch, analysis) # rewards, advantages, VPPO weights
@@ -47,8 +48,15 @@ def black_patch(processor) -> np.ndarray:
   return np.repeat(per_channel, processor.patch_dim // 3).astype(np.float32)
 
 
+# Where the update's `old_logp` (the PPO ratio's denominator) comes from:
+# the sampler's own log-probs, or the training forward run again over the
+# sampled batch before the first update (one forward, no backward).
+OLD_LOGP = ("sampler", "recompute")
+
+
 def check_sizes(rl) -> None:
-  """Raises naming the `config.rl` key when the batch sizes do not fit."""
+  """Raises naming the `config.rl` key when the batch sizes or the
+  `old_logp` source are not ones the learner can run."""
   g, b = rl.num_samples, rl.num_prompts
   procs = jax.process_count()
   for key in ("rollout_chunk", "analysis_chunk", "micro_batch"):
@@ -66,6 +74,10 @@ def check_sizes(rl) -> None:
       raise ValueError(
           f"rl.{key}={rl[key]} does not divide the {rows} rows it chunks"
       )
+  if rl.old_logp not in OLD_LOGP:
+    raise ValueError(
+        f"rl.old_logp must be one of {OLD_LOGP}, not {rl.old_logp!r}"
+    )
   gen = rl.gen_prompts if rl.dynamic_sampling else b
   if gen % procs or b % procs:
     raise ValueError(
@@ -144,6 +156,7 @@ class Learner:
     self._analyze = jax.jit(analysis.analyze_chunks, static_argnums=(1, 4))
     self._reference = jax.jit(analysis.reference_chunks, static_argnums=(1, 3))
     self._finalize = jax.jit(analysis.finalize, static_argnums=(2,))
+    self._gap = jax.jit(analysis.logp_gap)
     self.black = sharding.replicated(mesh, black_patch(processor))
     self.ref_params = None  # frozen at the stage's first step (kl_beta > 0)
 
@@ -183,6 +196,14 @@ class Learner:
     del rounds
     n = batch.tokens.shape[0]
     everything = np.arange(rc.num_prompts)
+    gap = {}
+    if rc.old_logp == "recompute":
+      chunks = layout(batch, everything, rc.analysis_chunk, self.mesh)
+      own = unlayout(
+          self._reference(state.params, self.graphdef, chunks, self.cfg), n
+      )
+      gap = self._gap(batch.old_logp, own, batch.mask)
+      batch.old_logp = own
     if self.needs_reference:
       if self.ref_params is None:
         self.ref_params = jax.tree.map(jnp.copy, state.params)
@@ -214,6 +235,7 @@ class Learner:
         **batch_stats,
         **{k: float(v) for k, v in stats.items()},
         **metrics_lib.scalars(jax.device_get(fin_stats)),
+        **metrics_lib.scalars(jax.device_get(gap)),
     )
     out["time/analysis"] = t_analysis
     out["time/update"] = time.perf_counter() - t0
