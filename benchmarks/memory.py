@@ -23,6 +23,8 @@ Programs (per architecture):
            tower frozen, as the recipes freeze it).
   rollout  the sampling program at the recipe's rollout chunk: vision
            encoding, prefill, the KV cache repeated G times, decoding.
+  reference  the no-gradient log-prob pass (rl.old_logp='recompute', the
+           reference KL) over the batch in chunks of rl.analysis_chunk.
 
 Attention runs as the blocked `flash` kernel: XLA:CPU cannot compile the
 GPU and TPU kernels (cuDNN, splash), and `flash` has their memory profile
@@ -244,6 +246,44 @@ def update_program(arch, config, mesh, report):
   )
 
 
+def reference_program(arch, config, mesh, report):
+  """The learner's no-gradient log-prob pass over the whole batch in chunks
+  of `rl.analysis_chunk` rows: `rl.old_logp='recompute'` (the real
+  recipes) and the reference KL run it."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from faithful_rl import rl  # pylint: disable=g-import-not-at-top
+  from faithful_rl import steps  # pylint: disable=g-import-not-at-top
+  from faithful_rl import train  # pylint: disable=g-import-not-at-top
+  from faithful_rl.rl import analysis  # pylint: disable=g-import-not-at-top
+
+  model_config = train.model_config_for(config)
+  graphdef, params = abstract_params(model_config, config, mesh)
+  rc = config.rl
+  g, rows = rc.num_samples, rc.analysis_chunk
+  m = rc.num_prompts * g // rows
+  tp, patches, r = _buckets(config)
+  chunks = rl.RolloutBatch.abstract(
+      prompts=max(rows // g, 1),
+      num_samples=min(rows, g),
+      prompt_len=tp,
+      patches=patches,
+      response_len=r,
+      model_config=model_config,
+      leading=(m,),
+  )
+  chunks = _sharded(mesh, chunks, 1)
+  cfg = steps.RLConfig.from_config(rc)
+  report.compile(
+      arch,
+      "reference",
+      f"{m} x {rows} rows ({rows // mesh.size}/device) {tp}+{r} tok",
+      lambda: jax.jit(analysis.reference_chunks, static_argnums=(1, 3)).lower(
+          params, graphdef, chunks, cfg
+      ),
+  )
+
+
 def rollout_program(arch, config, mesh, report):
   """The learner's sampling program at the recipe's rollout chunk."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -288,7 +328,7 @@ def main(argv=None):
   parser.add_argument(
       "--arch", default="qwen2_5_vl_3b,qwen2_5_vl_7b,qwen3_vl_8b"
   )
-  parser.add_argument("--program", default="decoder,update,rollout")
+  parser.add_argument("--program", default="decoder,update,rollout,reference")
   parser.add_argument("--devices", type=int, default=8)
   parser.add_argument("--hbm", type=float, default=80.0, help="GiB per chip")
   parser.add_argument("--decoder_tokens", type=int, default=2304)
@@ -310,6 +350,8 @@ def main(argv=None):
         update_program(arch, config, mesh, report)
       if "rollout" in programs:
         rollout_program(arch, config, mesh, report)
+      if "reference" in programs:
+        reference_program(arch, config, mesh, report)
   print()
   print(report.table())
 

@@ -357,7 +357,7 @@ def ease_paper(c, arg):
   c.eval.sampled = 0  # greedy accuracy only
   # 512 x 5 / 16 minibatches = 160 rows each, in micro-batches of 80
   # (10 per device); 640 sequences (80 per device) per sampling call.
-  # 8B: update 56.4 GiB, rollout 51.7 GiB per device (4B: 35.0, 49.1).
+  # 8B: update 56.4 GiB, rollout 54.8 GiB per device (4B: 35.0, 50.6).
   c.rl.micro_batch = 80
   c.rl.analysis_chunk = 80
   c.rl.rollout_chunk = 640

@@ -119,6 +119,9 @@ def _sample_program(
   for its G rows, and each row keeps only its own R response slots. With
   G = 1 (evaluation) every row decodes into its prompt's cache.
   """
+  # One cast of the float32 masters to the compute dtype, outside the
+  # decoding loop (bitwise the same forward; see `in_compute_dtype`).
+  model = model.in_compute_dtype()
   b, tp = batch["prompt_ids"].shape
   g, r = config.num_samples, config.max_new_tokens
   if row_ids is None:

@@ -24,7 +24,9 @@ def _batch(config, seed=0):
   prompts = helpers.image_prompts(rng, grids)
   prompts[0] += helpers.random_text(rng, 6)
   ids, mask = helpers.make_batch(rng, prompts)
-  pix = [helpers.random_pixels(rng, gs) for gs in grids]
+  pix = [
+      helpers.random_pixels(rng, gs, config.vision.patch_dim) for gs in grids
+  ]
   pos, _ = inputs_lib.rope_index(ids, mask, grids, config)
   vis = inputs_lib.vision_inputs(pix, grids, 256, config.vision)
   kpos, kvalid = models.visual_token_positions(jnp.asarray(ids), IMAGE, 16)
@@ -256,3 +258,40 @@ def test_window_layout_pads_partial_windows_by_hand():
   np.testing.assert_array_equal(
       layout["patch_index"][slots * 4] // 4, np.arange(35)
   )
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_compute_dtype_copy_computes_bitwise_the_same(family):
+  """`in_compute_dtype` stores every floating parameter in bf16 and the
+  forward (logits, hidden states, probe) is bitwise the masters' forward:
+  every use of a parameter casts it to the compute dtype first."""
+  config = (
+      helpers.tiny_config() if family == "qwen2_5_vl"
+      else helpers.tiny_qwen3_config()
+  )  # fmt: skip
+  batch, _ = _batch(config, seed=6)
+  model = models.create(
+      config, dtype=jnp.bfloat16, param_dtype=jnp.float32, seed=7
+  )
+  copy = model.in_compute_dtype()
+  dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(copy, nnx.Param))}
+  assert dtypes == {jnp.dtype(jnp.bfloat16)}
+  masters = {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))}
+  assert masters == {jnp.dtype(jnp.float32)}  # the model itself is kept
+
+  @jax.jit
+  def forward(graphdef, state):
+    out = nnx.merge(graphdef, state)(
+        batch["ids"],
+        attention_mask=batch["mask"],
+        position_ids=batch["pos"],
+        vision=batch["vis"],
+        attention_probe=batch["probe"],
+    )
+    return out.logits, out.hidden, out.visual_attention[1]
+
+  want = forward(*nnx.split(model))
+  got = forward(*nnx.split(copy))
+  assert np.abs(np.asarray(want[0])).max() > 0
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

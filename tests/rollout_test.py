@@ -294,6 +294,55 @@ def test_bf16_logprob_gap(pair, image_batch, capsys):
   assert gap32.max() < 0.25 and gap32.mean() < 0.05
 
 
+def _while_bodies(jaxpr):
+  """The bodies of every while loop in `jaxpr`, nested ones included."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "while":
+      yield eqn.params["body_jaxpr"].jaxpr
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      yield from _while_bodies(sub)
+
+
+def _casts(jaxpr):
+  """(shape, from dtype, to dtype) of every cast in `jaxpr`, nested too."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "convert_element_type":
+      aval = eqn.invars[0].aval
+      yield tuple(aval.shape), aval.dtype, eqn.params["new_dtype"]
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      yield from _casts(sub)
+
+
+def test_decoding_loop_reads_compute_dtype_weights(pair, image_batch):
+  """bf16 compute, float32 masters: the weights are cast once, before the
+  decoding loop, not at every step: no cast inside the loop takes a
+  parameter's shape (a whole stack or one layer's slice)."""
+  config, _, path, _ = pair
+  model = models.from_pretrained(
+      path, dtype=jnp.bfloat16, param_dtype=jnp.float32
+  )
+  graphdef, state = nnx.split(model)
+  shapes = set()
+  for x in jax.tree.leaves(nnx.state(model, nnx.Param)):
+    shapes |= {tuple(x.shape), tuple(x.shape[1:])}
+  batch = _prompt(image_batch[1])
+
+  def program(state):
+    return rollout.sample_traced(
+        nnx.merge(graphdef, state), batch, jax.random.key(0), SAMPLED
+    )
+
+  jaxpr = jax.make_jaxpr(program)(state).jaxpr
+  outside = [c for c in _casts(jaxpr) if c[0] in shapes]
+  assert any(c[1] == jnp.float32 and c[2] == jnp.bfloat16 for c in outside)
+  decode = max(_while_bodies(jaxpr), key=lambda j: len(j.eqns))
+  inside = [
+      c for c in _casts(decode)
+      if c[0] in shapes and c[1] == jnp.float32 and c[2] == jnp.bfloat16
+  ]  # fmt: skip
+  assert not inside, inside[:5]
+
+
 # ---------------------------------------------------------------------------
 # 3. Sampling statistics.
 # ---------------------------------------------------------------------------
