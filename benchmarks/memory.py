@@ -167,6 +167,25 @@ def _buckets(config):
   )
 
 
+def _chunks(config, model_config, mesh, rows: int, m: int):
+  """M abstract chunks of `rows` rows at the recipe's largest buckets, the
+  rows over the mesh's batch axes (the learner's `rl.layout`)."""
+  from faithful_rl import rl  # pylint: disable=g-import-not-at-top
+
+  g = config.rl.num_samples
+  tp, patches, r = _buckets(config)
+  batch = rl.RolloutBatch.abstract(
+      prompts=max(rows // g, 1),
+      num_samples=min(rows, g),
+      prompt_len=tp,
+      patches=patches,
+      response_len=r,
+      model_config=model_config,
+      leading=(m,),
+  )
+  return _sharded(mesh, batch, 1)
+
+
 # ---------------------------------------------------------------------------
 # The programs.
 # ---------------------------------------------------------------------------
@@ -203,7 +222,6 @@ def update_program(arch, config, mesh, report):
   import jax  # pylint: disable=g-import-not-at-top
 
   from faithful_rl import optim  # pylint: disable=g-import-not-at-top
-  from faithful_rl import rl  # pylint: disable=g-import-not-at-top
   from faithful_rl import steps  # pylint: disable=g-import-not-at-top
   from faithful_rl import train  # pylint: disable=g-import-not-at-top
 
@@ -214,16 +232,7 @@ def update_program(arch, config, mesh, report):
   minibatch = rc.num_prompts * g // rc.num_minibatches
   m = minibatch // rows
   tp, patches, r = _buckets(config)
-  batch = rl.RolloutBatch.abstract(
-      prompts=max(rows // g, 1),
-      num_samples=min(rows, g),
-      prompt_len=tp,
-      patches=patches,
-      response_len=r,
-      model_config=model_config,
-      leading=(m,),
-  )
-  batch = _sharded(mesh, batch, 1)
+  batch = _chunks(config, model_config, mesh, rows, m)
   tx = train.make_tx(config, "rl", params, 100)
   abstract_state, shardings = train.abstract_train_state(
       graphdef, params, tx, mesh
@@ -252,7 +261,6 @@ def reference_program(arch, config, mesh, report):
   recipes) and the reference KL run it."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from faithful_rl import rl  # pylint: disable=g-import-not-at-top
   from faithful_rl import steps  # pylint: disable=g-import-not-at-top
   from faithful_rl import train  # pylint: disable=g-import-not-at-top
   from faithful_rl.rl import analysis  # pylint: disable=g-import-not-at-top
@@ -262,17 +270,8 @@ def reference_program(arch, config, mesh, report):
   rc = config.rl
   g, rows = rc.num_samples, rc.analysis_chunk
   m = rc.num_prompts * g // rows
-  tp, patches, r = _buckets(config)
-  chunks = rl.RolloutBatch.abstract(
-      prompts=max(rows // g, 1),
-      num_samples=min(rows, g),
-      prompt_len=tp,
-      patches=patches,
-      response_len=r,
-      model_config=model_config,
-      leading=(m,),
-  )
-  chunks = _sharded(mesh, chunks, 1)
+  tp, _, r = _buckets(config)
+  chunks = _chunks(config, model_config, mesh, rows, m)
   cfg = steps.RLConfig.from_config(rc)
   report.compile(
       arch,
