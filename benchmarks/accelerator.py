@@ -16,6 +16,9 @@ tokens sharing it), prints:
   forward's 4 and the backward's 8), plus 2 x vision parameters x patches
   (the frozen tower's forward); tokens = prompt tokens + response tokens.
   Against the chip's dense bf16 peak (`--peak_tflops`, else a table).
+* old_logp: the same batch's no-gradient log-prob pass, which the real
+  recipes run once per step (`rl.old_logp='recompute'`), and its share of
+  the update step's time.
 * decode: tokens/s of greedy sampling at `--decode_batch` (64) sequences,
   net of the prefill, and its share of the HBM-bandwidth roofline: one
   step must read the weights (in the dtype the sampler holds them) and
@@ -203,6 +206,21 @@ def model_flops(model_config, params, *, prompt_len, patches, rows,
   return dense + attn + vision, tokens
 
 
+def update_batch(args, config, model_config):
+  """((prompt, visual, patch slots, response) lengths, the update's batch of
+  one prompt and `--rows` responses, its `RLConfig`)."""
+  from faithful_rl import steps  # pylint: disable=g-import-not-at-top
+
+  lengths = shapes(args, config, model_config)
+  tp, vis, patches, r = lengths
+  batch = make_batch(
+      model_config, prompts=1, rows_per_prompt=args.rows, prompt_len=tp,
+      visual=vis, patches=patches, response_len=r,
+  )  # fmt: skip
+  config.rl.num_samples = args.rows
+  return lengths, batch, steps.RLConfig.from_config(config.rl)
+
+
 def bench_update(args, config, model_config, graphdef, params):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -211,14 +229,8 @@ def bench_update(args, config, model_config, graphdef, params):
   from faithful_rl import steps  # pylint: disable=g-import-not-at-top
   from faithful_rl import train  # pylint: disable=g-import-not-at-top
 
-  tp, vis, patches, r = shapes(args, config, model_config)
-  batch = make_batch(
-      model_config, prompts=1, rows_per_prompt=args.rows, prompt_len=tp,
-      visual=vis, patches=patches, response_len=r,
-  )  # fmt: skip
+  (tp, vis, patches, r), batch, cfg = update_batch(args, config, model_config)
   rc = config.rl
-  rc.num_samples = args.rows
-  cfg = steps.RLConfig.from_config(rc)
   tx = train.make_tx(config, "rl", params, 100)
   own = jax.tree.map(jnp.copy, params)  # the update donates its state
   state = steps.TrainState(own, tx.init(own), jnp.zeros((), jnp.int32))
@@ -249,6 +261,21 @@ def bench_update(args, config, model_config, graphdef, params):
       compile_s=compile_s,
       shape=f"1 prompt ({tp} tok, {vis} visual) x {args.rows} responses of {r}",
   )
+
+
+def bench_old_logp(args, config, model_config, graphdef, params):
+  """The learner's no-gradient log-prob pass (`rl.old_logp='recompute'`,
+  the real recipes' setting) over the update's batch, in one chunk."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from faithful_rl.rl import analysis  # pylint: disable=g-import-not-at-top
+
+  (tp, _, _, r), batch, cfg = update_batch(args, config, model_config)
+  chunks = jax.tree.map(lambda x: x[None], batch)
+  fn = jax.jit(analysis.reference_chunks, static_argnums=(1, 3))
+  sec = _timeit(lambda: fn(params, graphdef, chunks, cfg), args.repeats)
+  tokens = tp + args.rows * r
+  return dict(seconds=sec, tokens=tokens, tokens_per_sec=tokens / sec)
 
 
 def bench_decode(args, config, model_config, graphdef, params):
@@ -422,6 +449,19 @@ def _report_update(args, config, model_config, graphdef, params, *, peak, hbm):
   return dict(u, mfu=mfu)
 
 
+def _report_old_logp(args, config, model_config, graphdef, params, *, peak,
+                     hbm, update=None):  # fmt: skip
+  del peak, hbm
+  o = bench_old_logp(args, config, model_config, graphdef, params)
+  share = o["seconds"] / update["seconds"] if update else float("nan")
+  print(
+      "old-log-prob pass (rl.old_logp=recompute), same batch:"
+      f" {o['seconds'] * 1e3:.0f} ms, {o['tokens_per_sec']:.0f} tokens/s,"
+      f" {100 * share:.0f}% of the update step"
+  )
+  return dict(o, share_of_update=share)
+
+
 def _report_decode(args, config, model_config, graphdef, params, *, peak, hbm):
   del peak
   d = bench_decode(args, config, model_config, graphdef, params)
@@ -475,7 +515,9 @@ def main(argv=None):
       "--tiny", action="store_true", help="the demo's model: a CPU dry run"
   )
   parser.add_argument(
-      "--skip", default="", help="any of update,decode,kernels,numerics"
+      "--skip",
+      default="",
+      help="any of update,old_logp,decode,kernels,numerics",
   )
   parser.add_argument(
       "--out", default="", help="also write the figures to this JSON file"
@@ -502,6 +544,7 @@ def main(argv=None):
   skip = set(args.skip.split(","))
   for name, section in (
       ("update", _report_update),
+      ("old_logp", _report_old_logp),
       ("decode", _report_decode),
       ("kernels", _report_kernels),
       ("numerics", _report_numerics),
@@ -510,9 +553,10 @@ def main(argv=None):
       continue
     # One section failing (a kernel this backend lacks, memory) must not
     # cost the others' figures on a machine that is lent by the minute.
+    extra = {"update": results.get("update")} if name == "old_logp" else {}
     try:
       results[name] = section(args, config, model_config, graphdef, params,
-                              peak=peak, hbm=hbm)  # fmt: skip
+                              peak=peak, hbm=hbm, **extra)  # fmt: skip
     except Exception:  # pylint: disable=broad-except
       traceback.print_exc()
       print(f"{name}: FAILED (traceback above)")

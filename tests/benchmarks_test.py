@@ -16,6 +16,9 @@ import accelerator  # pylint: disable=g-import-not-at-top,wrong-import-position
 def test_accelerator_dry_run_reports_every_figure():
   r = accelerator.main(["--tiny", "--repeats=3"])
   assert r["update"]["tokens_per_sec"] > 0 and r["update"]["tflops"] > 0
+  # One forward without gradients: cheaper than the update's forward,
+  # backward and optimizer step.
+  assert 0 < r["old_logp"]["share_of_update"] < 1
   assert r["decode"]["tokens_per_sec"] > 0 and r["decode"]["step_bytes"] > 0
   # The backend kernel and flash compute the same attention (bf16 ulps).
   assert r["kernels"]["diff"] < 0.05
@@ -56,9 +59,12 @@ def test_a_failing_section_keeps_the_others_figures(tmp_path, monkeypatch):
   monkeypatch.setattr(accelerator, "bench_decode", broken)
   out = tmp_path / "figures.json"
   with pytest.raises(SystemExit, match="sections failed: decode"):
-    accelerator.main(
-        ["--tiny", "--repeats=1", "--skip=update,numerics", f"--out={out}"]
-    )
+    accelerator.main([
+        "--tiny",
+        "--repeats=1",
+        "--skip=update,old_logp,numerics",
+        f"--out={out}",
+    ])
   written = json.loads(out.read_text())
   assert written["failed"] == ["decode"]
   assert written["results"]["kernels"]["diff"] < 0.05
