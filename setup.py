@@ -39,6 +39,10 @@ setuptools.setup(
     ],
     extras_require={
         "wandb": ["wandb"],  # metrics to Weights & Biases (optional)
+        # JAX for an accelerator, at the version pinned above.
+        "cuda12": ["jax[cuda12]>=0.10.2,<0.11"],
+        "cuda13": ["jax[cuda13]>=0.10.2,<0.11"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",
