@@ -310,7 +310,9 @@ def rollout_program(arch, config, mesh, report):
       mesh, batch.prompt_inputs()["position_ids"], 1
   )
   row_ids = _sharded(mesh, jax.ShapeDtypeStruct((chunk,), jnp.int32), 0)
-  sampling = rollout.SamplingConfig(num_samples=g, max_new_tokens=r)
+  sampling = rollout.SamplingConfig.from_config(
+      rc.sampling, num_samples=g, max_new_tokens=r
+  )
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
   report.compile(
       arch,

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from faithful_rl import losses
+from faithful_rl import sharding
 from faithful_rl.sampling import SamplingConfig
 from faithful_rl.sampling import select_tokens
 from faithful_rl.models.qwen2_5_vl import AttentionProbe
@@ -122,6 +123,9 @@ def _sample_program(
   # One cast of the float32 masters to the compute dtype, outside the
   # decoding loop (bitwise the same forward; see `in_compute_dtype`).
   model = model.in_compute_dtype()
+  if config.gather_weights:
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, sharding.gather_fsdp(state))
   b, tp = batch["prompt_ids"].shape
   g, r = config.num_samples, config.max_new_tokens
   if row_ids is None:

@@ -29,6 +29,10 @@ class SamplingConfig:
     greedy: argmax decoding.
     stop_tokens: ids that end a response (included in it).
     pad_token: written after a response has ended.
+    gather_weights: under a mesh, gather the FSDP-sharded weights once per
+      call, before decoding (`sharding.gather_fsdp`): each device then
+      holds the whole model in the compute dtype, and no decoding step
+      all-gathers weights. Costs that copy's memory per device.
   """
 
   num_samples: int = 1
@@ -39,6 +43,7 @@ class SamplingConfig:
   greedy: bool = False
   stop_tokens: tuple[int, ...] = ()
   pad_token: int = 0
+  gather_weights: bool = False
 
   @classmethod
   def from_config(cls, cfg, **overrides) -> "SamplingConfig":

@@ -42,6 +42,14 @@ DEFAULT_RULES: tuple[tuple[str, P], ...] = (
 )  # fmt: skip
 
 
+# The same rules without fsdp: what a device holds of each weight when the
+# sampler gathers them once per call (`gather_fsdp`).
+SAMPLER_RULES: tuple[tuple[str, P], ...] = tuple(
+    (pattern, P(*(None if axis == "fsdp" else axis for axis in spec)))
+    for pattern, spec in DEFAULT_RULES
+)
+
+
 def make_mesh(shape: dict[str, int] | None = None, devices=None) -> Mesh:
   """A mesh over all devices; one axis size may be -1 (the rest).
 
@@ -101,6 +109,27 @@ def spec_for(
     size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
     out.append(axis if names and dim % size == 0 and size > 1 else None)
   return P(*out)
+
+
+def gather_fsdp(tree, rules=SAMPLER_RULES):
+  """`tree`'s parameters whole along fsdp (and data) on every device, still
+  sharded along tensor: one all-gather of each, inside a jitted program
+  under a mesh (`jax.set_mesh`). The identity without a mesh.
+
+  The rollout does this once per call (`SamplingConfig.gather_weights`):
+  with the weights left FSDP-sharded, every decoding step would all-gather
+  every layer's weights again.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return tree
+
+  def one(path, x):
+    name = path_str(path).removesuffix("/value")  # an nnx Variable's leaf
+    spec = spec_for(name, tuple(x.shape), mesh, rules)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+  return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def tree_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):

@@ -11,14 +11,16 @@ from faithful_rl import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SCRIPT = textwrap.dedent("""
-    import sys
+# Both scripts' start: 8 fake devices, the tiny model's config and 8
+# left-padded prompts with one 4 x 4-patch image each.
+PREAMBLE = textwrap.dedent("""
+    import re, sys
     sys.path.insert(0, "tests")
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     import optax
     from configs import common
-    from faithful_rl import models, sft, sharding, steps
+    from faithful_rl import models, rollout, sft, sharding, steps
     from faithful_rl.models import inputs as il
     import helpers
 
@@ -27,12 +29,15 @@ SCRIPT = textwrap.dedent("""
     rng = np.random.default_rng(0)
     b = 8
     grids = [[(1, 4, 4)]] * b
-    prompts = [helpers.random_text(rng, 3) + helpers.image_tokens(g[0])
-               + helpers.random_text(rng, 2) for g in grids]
+    prompts = [helpers.random_text(rng, 3 + i % 3) + helpers.image_tokens(g[0])
+               + helpers.random_text(rng, 2) for i, g in enumerate(grids)]
     ids, mask = helpers.make_batch(rng, prompts)
     pos, _ = il.rope_index(ids, mask, grids, cfg)
     vis = il.vision_inputs([helpers.random_pixels(rng, g) for g in grids],
                            grids, 16, cfg.vision)
+""")
+
+SCRIPT = PREAMBLE + textwrap.dedent("""
     batch = dict(prompt_ids=ids.astype(np.int32), prompt_mask=mask.astype(bool),
                  position_ids=np.swapaxes(pos, 0, 1), vision=vis,
                  response_ids=rng.integers(3, 100, (b, 6)).astype(np.int32),
@@ -103,12 +108,13 @@ def test_spec_drops_axes_that_do_not_divide():
   assert spec == P(None, "tensor")
 
 
-def test_sharded_step_on_8_fake_devices_matches_one_device():
+def _run_on_8_devices(script: str) -> None:
+  """Runs `script` in a process with 8 fake CPU devices; it prints OK."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run(
-      [sys.executable, "-c", SCRIPT],
+      [sys.executable, "-c", script],
       cwd=ROOT,
       env=env,
       capture_output=True,
@@ -117,3 +123,59 @@ def test_sharded_step_on_8_fake_devices_matches_one_device():
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "OK" in proc.stdout
+
+
+def test_sharded_step_on_8_fake_devices_matches_one_device():
+  _run_on_8_devices(SCRIPT)
+
+
+GATHER_SCRIPT = PREAMBLE + textwrap.dedent("""
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+    batch = dict(prompt_ids=jnp.asarray(ids, jnp.int32),
+                 prompt_mask=jnp.asarray(mask, bool),
+                 position_ids=jnp.asarray(pos), vision=vis)
+    with jax.set_mesh(mesh):
+      model = models.create(cfg, seed=3)
+      graphdef, state = nnx.split(model)
+      state = nnx.to_pure_dict(state)
+      state = jax.device_put(state, sharding.tree_shardings(state, mesh))
+      model = nnx.merge(graphdef, state)
+      outs, hlo = {}, {}
+      for gather in (False, True):
+        cfg_s = rollout.SamplingConfig(num_samples=2, max_new_tokens=6,
+                                       gather_weights=gather)
+        e = rollout.Engine()
+        outs[gather] = e.sample(model, batch, jax.random.key(1), cfg_s)
+        n = b * 2
+        hlo[gather] = e.lower(graphdef, cfg_s, state, batch, jax.random.key(1),
+                              jnp.arange(n, dtype=jnp.int32)).compile().as_text()
+
+    def decode_gathers(txt):
+      comps = {}
+      for c in re.split(r"\\n(?=\\S.*\\{\\n)", txt):
+        comps[re.match(r"(?:ENTRY )?%?(\\S+)", c).group(1)] = c
+      def inside(name, depth):
+        c = comps[name]
+        n = c.count(" all-gather(") if depth >= 1 else 0
+        for body in re.findall(r"body=%?([\\w.\\-]+)", c):
+          n += inside(body, depth + 1)
+        return n
+      entry = [k for k, c in comps.items() if c.startswith("ENTRY")][0]
+      return inside(entry, 0)
+
+    for k in ("tokens", "mask"):
+      np.testing.assert_array_equal(np.asarray(getattr(outs[True], k)),
+                                    np.asarray(getattr(outs[False], k)))
+    d = np.abs(np.asarray(outs[True].logprobs) - np.asarray(outs[False].logprobs)).max()
+    assert d < 1e-5
+    assert decode_gathers(hlo[False]) > 0 and decode_gathers(hlo[True]) == 0
+    print("OK")
+""")
+
+
+def test_sampler_gathers_the_weights_once_not_at_every_step():
+  """8 fake devices, FSDP-sharded weights: with `gather_weights` the
+  rollout program holds no all-gather inside its loops (without it, every
+  decoding step gathers every layer), and samples the same tokens with the
+  same log-probs (to float rounding: the contractions' order differs)."""
+  _run_on_8_devices(GATHER_SCRIPT)
