@@ -195,24 +195,27 @@ class Learner:
     )
     del rounds
     n = batch.tokens.shape[0]
-    everything = np.arange(rc.num_prompts)
-    gap = {}
-    if rc.old_logp == "recompute":
+    # One chunk layout serves every no-gradient pass of the step.
+    recompute = rc.old_logp == "recompute"
+    run_analysis = cfg.reinforce.enabled or cfg.vppo.enabled
+    chunks = None
+    if recompute or self.needs_reference or run_analysis:
+      everything = np.arange(rc.num_prompts)
       chunks = layout(batch, everything, rc.analysis_chunk, self.mesh)
-      own = unlayout(
-          self._reference(state.params, self.graphdef, chunks, self.cfg), n
-      )
-      gap = self._gap(batch.old_logp, own, batch.mask)
-      batch.old_logp = own
+    gap = {}
+    if recompute:
+      own = self._reference(state.params, self.graphdef, chunks, cfg)
+      recomputed = unlayout(own, n)
+      gap = self._gap(batch.old_logp, recomputed, batch.mask)
+      # The passes below (VPPO's dependency) read the recomputed ones too.
+      batch.old_logp, chunks.old_logp = recomputed, own
     if self.needs_reference:
       if self.ref_params is None:
         self.ref_params = jax.tree.map(jnp.copy, state.params)
-      chunks = layout(batch, everything, rc.analysis_chunk, self.mesh)
       ref = self._reference(self.ref_params, self.graphdef, chunks, cfg)
       batch.ref_logp = unlayout(ref, n)
     passes = {}
-    if cfg.reinforce.enabled or cfg.vppo.enabled:
-      chunks = layout(batch, everything, rc.analysis_chunk, self.mesh)
+    if run_analysis:
       out = self._analyze(
           state.params, self.graphdef, chunks, k_an, cfg, self.black
       )
