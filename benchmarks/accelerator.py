@@ -437,8 +437,9 @@ def bench_kernels(args, config, model_config):
               flash_ms=sec_f * 1e3, tokens=tp)  # fmt: skip
 
 
-def _report_update(args, config, model_config, graphdef, params, *, peak, hbm):
-  del hbm
+def _report_update(args, config, model_config, graphdef, params, *, peak, hbm,
+                   done):  # fmt: skip
+  del hbm, done
   u = bench_update(args, config, model_config, graphdef, params)
   mfu = u["tflops"] / peak if peak else float("nan")
   print(
@@ -450,9 +451,10 @@ def _report_update(args, config, model_config, graphdef, params, *, peak, hbm):
 
 
 def _report_old_logp(args, config, model_config, graphdef, params, *, peak,
-                     hbm, update=None):  # fmt: skip
+                     hbm, done):  # fmt: skip
   del peak, hbm
   o = bench_old_logp(args, config, model_config, graphdef, params)
+  update = done.get("update")
   share = o["seconds"] / update["seconds"] if update else float("nan")
   print(
       "old-log-prob pass (rl.old_logp=recompute), same batch:"
@@ -462,8 +464,9 @@ def _report_old_logp(args, config, model_config, graphdef, params, *, peak,
   return dict(o, share_of_update=share)
 
 
-def _report_decode(args, config, model_config, graphdef, params, *, peak, hbm):
-  del peak
+def _report_decode(args, config, model_config, graphdef, params, *, peak, hbm,
+                   done):  # fmt: skip
+  del peak, done
   d = bench_decode(args, config, model_config, graphdef, params)
   roof = d["step_bytes"] / (hbm * 1e9) if hbm else float("nan")
   share = roof / (d["step_ms"] / 1e3) if hbm else float("nan")
@@ -476,8 +479,8 @@ def _report_decode(args, config, model_config, graphdef, params, *, peak, hbm):
 
 
 def _report_kernels(args, config, model_config, graphdef, params, *, peak,
-                    hbm):  # fmt: skip
-  del graphdef, params, peak, hbm
+                    hbm, done):  # fmt: skip
+  del graphdef, params, peak, hbm, done
   k = bench_kernels(args, config, model_config)
   print(
       f"attention prefill ({k['tokens']} tokens): {k['native']}"
@@ -488,8 +491,8 @@ def _report_kernels(args, config, model_config, graphdef, params, *, peak,
 
 
 def _report_numerics(args, config, model_config, graphdef, params, *, peak,
-                     hbm):  # fmt: skip
-  del peak, hbm
+                     hbm, done):  # fmt: skip
+  del peak, hbm, done
   n = bench_numerics(args, config, model_config, graphdef, params)
   print(
       f"log-probs of {n['tokens']} sampled tokens: sampler vs training"
@@ -553,10 +556,10 @@ def main(argv=None):
       continue
     # One section failing (a kernel this backend lacks, memory) must not
     # cost the others' figures on a machine that is lent by the minute.
-    extra = {"update": results.get("update")} if name == "old_logp" else {}
     try:
+      # `done`: the figures so far (the old-log-prob pass reads the update's).
       results[name] = section(args, config, model_config, graphdef, params,
-                              peak=peak, hbm=hbm, **extra)  # fmt: skip
+                              peak=peak, hbm=hbm, done=results)  # fmt: skip
     except Exception:  # pylint: disable=broad-except
       traceback.print_exc()
       print(f"{name}: FAILED (traceback above)")
