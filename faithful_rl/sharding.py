@@ -119,6 +119,12 @@ def gather_fsdp(tree, rules=SAMPLER_RULES):
   The rollout does this once per call (`SamplingConfig.gather_weights`):
   with the weights left FSDP-sharded, every decoding step would all-gather
   every layer's weights again.
+
+  Each leaf is first pinned to its training layout (`DEFAULT_RULES`), then
+  gathered. Without the pin, the partitioner meets a replicated cast of a
+  sharded parameter (`in_compute_dtype` runs just before) and gathers the
+  float32 masters before casting: twice the bytes over the links, and a
+  float32 copy of the whole model held beside the bf16 one.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
@@ -126,8 +132,11 @@ def gather_fsdp(tree, rules=SAMPLER_RULES):
 
   def one(path, x):
     name = path_str(path).removesuffix("/value")  # an nnx Variable's leaf
-    spec = spec_for(name, tuple(x.shape), mesh, rules)
-    return jax.lax.with_sharding_constraint(x, spec)
+    shape = tuple(x.shape)
+    x = jax.lax.with_sharding_constraint(x, spec_for(name, shape, mesh))
+    return jax.lax.with_sharding_constraint(
+        x, spec_for(name, shape, mesh, rules)
+    )
 
   return jax.tree_util.tree_map_with_path(one, tree)
 

@@ -108,10 +108,11 @@ def test_spec_drops_axes_that_do_not_divide():
   assert spec == P(None, "tensor")
 
 
-def _run_on_8_devices(script: str) -> None:
-  """Runs `script` in a process with 8 fake CPU devices; it prints OK."""
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+def _run_on_8_devices(script: str, flags: str = "", **env_vars) -> None:
+  """Runs `script` in a process with 8 fake CPU devices (and XLA `flags`,
+  and `env_vars`); it prints OK."""
+  env = dict(os.environ, **env_vars)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=8 {flags}"
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run(
       [sys.executable, "-c", script],
@@ -169,13 +170,43 @@ GATHER_SCRIPT = PREAMBLE + textwrap.dedent("""
     d = np.abs(np.asarray(outs[True].logprobs) - np.asarray(outs[False].logprobs)).max()
     assert d < 1e-5
     assert decode_gathers(hlo[False]) > 0 and decode_gathers(hlo[True]) == 0
+
+    # bf16 compute over float32 masters: the weights are cast where they lie
+    # and the gather moves bf16. Read right after SPMD partitioning (later,
+    # XLA:CPU's own bf16 handling turns the program's bf16 values into f32).
+    import glob, os
+    dump = os.environ["DUMP"]
+    seen = set(glob.glob(f"{dump}/*"))
+    with jax.set_mesh(mesh):
+      m16 = models.create(cfg, seed=3, dtype=jnp.bfloat16,
+                          param_dtype=jnp.float32)
+      g16, s16 = nnx.split(m16)
+      s16 = nnx.to_pure_dict(s16)
+      s16 = jax.device_put(s16, sharding.tree_shardings(s16, mesh))
+      cfg_s = rollout.SamplingConfig(num_samples=2, max_new_tokens=6,
+                                     gather_weights=True)
+      rollout.Engine().lower(g16, cfg_s, s16, batch, jax.random.key(1),
+                             jnp.arange(b * 2, dtype=jnp.int32)).compile()
+    [part] = [f for f in set(glob.glob(f"{dump}/*")) - seen
+              if "after_spmd-partitioning" in f]
+    moved = re.findall(r"= (\w+)\[[\d,]*\]\S* all-gather\(", open(part).read())
+    assert moved and set(moved) == {"bf16"}, sorted(set(moved))
     print("OK")
 """)
 
 
-def test_sampler_gathers_the_weights_once_not_at_every_step():
+def test_sampler_gathers_the_weights_once_not_at_every_step(tmp_path):
   """8 fake devices, FSDP-sharded weights: with `gather_weights` the
   rollout program holds no all-gather inside its loops (without it, every
   decoding step gathers every layer), and samples the same tokens with the
-  same log-probs (to float rounding: the contractions' order differs)."""
-  _run_on_8_devices(GATHER_SCRIPT)
+  same log-probs (to float rounding: the contractions' order differs).
+  With bf16 compute over float32 masters, the gather moves bf16 (not the
+  masters, cast afterwards)."""
+  _run_on_8_devices(
+      GATHER_SCRIPT,
+      f"--xla_dump_to={tmp_path} --xla_dump_hlo_module_re=jit_fn"
+      " --xla_dump_hlo_pass_re=spmd-partitioning",
+      DUMP=str(tmp_path),
+      # A cached executable would skip the compile, and with it the dump.
+      JAX_ENABLE_COMPILATION_CACHE="false",
+  )
