@@ -10,7 +10,9 @@ Qwen2_5_VLForConditionalGeneration / Qwen3VLForConditionalGeneration
 config (text hidden 512 x 8 layers, vision hidden 512 x 8 blocks, one
 448x448 image per example, batch 2), float32 on CPU. The runs alternate, so
 that a busy machine slows both alike. Prints the median time of each, the
-ratio, and the split between the vision tower and the rest.
+ratio, and the split between the vision tower and the rest; then the
+forward's linear layers alone (its GEMMs, at the same shapes, in XLA and in
+torch), which bound from below what either forward can take.
 
 Memory: writes a ~1B-parameter checkpoint in bfloat16 as several shards,
 then loads it with `models.from_pretrained` in a fresh process and prints
@@ -68,6 +70,61 @@ def mid_config(family: str = "qwen2_5_vl"):
       eos_token_id=2,
       pad_token_id=0,
   )
+
+
+def linear_layers(params, patches: int, merged: int, tokens: int):
+  """[(rows, kernel)] for every linear layer of one forward: each kernel
+  (a stacked one once per layer) with the rows it multiplies: the patch
+  slots in the vision tower, the merged visual tokens in its mergers, the
+  text tokens in the language model and its head."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from faithful_rl import sharding  # pylint: disable=g-import-not-at-top
+
+  out = []
+  for path, w in jax.tree_util.tree_leaves_with_path(params):
+    name = sharding.path_str(path)
+    if not name.endswith("kernel") or w.ndim < 2:
+      continue
+    if name.startswith("visual"):
+      rows = merged if "merger" in name else patches
+    else:
+      rows = tokens
+    for layer in w.reshape(-1, *w.shape[-2:]):
+      out.append((rows, layer))
+  return out
+
+
+def matmuls_alone(layers, repeats: int):
+  """Median seconds of the forward's linear layers alone (same shapes,
+  float32, no attention, norms or anything else) in XLA and in torch, and
+  their FLOPs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(1)
+  xs = [
+      rng.standard_normal((rows, w.shape[0]), np.float32) for rows, w in layers
+  ]
+  ws = [np.asarray(w, np.float32) for _, w in layers]
+  flops = sum(
+      2.0 * x.shape[0] * x.shape[1] * w.shape[1] for x, w in zip(xs, ws)
+  )
+  ours = jax.jit(lambda xs, ws: [x @ w for x, w in zip(xs, ws)])
+  j_xs, j_ws = jax.device_put(xs), jax.device_put(ws)
+  t_xs, t_ws = [torch.from_numpy(x) for x in xs], [
+      torch.from_numpy(w) for w in ws
+  ]
+
+  def theirs():
+    with torch.no_grad():
+      return [x @ w for x, w in zip(t_xs, t_ws)]
+
+  calls = [lambda: jax.block_until_ready(ours(j_xs, j_ws)), theirs]
+  for call in calls:
+    call()
+  t_ours, t_theirs = timing.alternate(calls, repeats)
+  return t_ours, t_theirs, flops
 
 
 def bench_speed(repeats: int, family: str):
@@ -166,6 +223,12 @@ def bench_speed(repeats: int, family: str):
   for call in calls:
     call()  # warm-up (and compile)
   ours, ref, ours_vis, ref_vis = timing.alternate(calls, repeats)
+  b = ids.shape[0]  # each row has its own bucket of patch slots
+  merged = bucket // config.vision.merge_unit
+  mm_ours, mm_ref, flops = matmuls_alone(
+      linear_layers(nnx.to_pure_dict(params), b * bucket, b * merged, ids.size),
+      repeats,
+  )
   print(
       f"{family} forward, batch 2 x (1 image 448x448 + {ids.shape[1] - n_img}"
       " text"
@@ -180,6 +243,13 @@ def bench_speed(repeats: int, family: str):
       f" the rest: ours {(ours - ours_vis) * 1e3:.1f} ms, transformers"
       f" {(ref - ref_vis) * 1e3:.1f} ms"
       f" ({(ref - ref_vis) / (ours - ours_vis):.2f}x)"
+  )
+  print(
+      f"  the linear layers alone ({flops / 1e9:.0f} GFLOP, same shapes):"
+      f" XLA {mm_ours * 1e3:.1f} ms ({flops / mm_ours / 1e9:.0f} GFLOP/s),"
+      f" torch {mm_ref * 1e3:.1f} ms ({flops / mm_ref / 1e9:.0f} GFLOP/s);"
+      f" everything else: ours {(ours - mm_ours) * 1e3:.1f} ms,"
+      f" transformers {(ref - mm_ref) * 1e3:.1f} ms"
   )
 
 

@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
 import accelerator  # pylint: disable=g-import-not-at-top,wrong-import-position
+import forward  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @pytest.mark.slow
@@ -47,6 +48,33 @@ def test_model_flops_by_hand():
   keys = 4 * 4 / 2 + 2 * 2 * (4 + 2 / 2)  # 8 + 20
   want = 6 * 90 * 8 + 12 * 2 * 4 * 8 * keys + 2 * 10 * 8
   assert flops == want
+
+
+def test_linear_layers_pair_each_kernel_with_its_rows():
+  """forward.py's matmul floor: every kernel (each layer of a stacked one)
+  with the rows it multiplies; embeddings are lookups, not matmuls."""
+  z = np.zeros
+  params = {
+      "visual": {
+          "patch_embed": {"kernel": z((7, 3))},
+          "blocks": {"mlp": {"kernel": z((2, 3, 4)), "bias": z((2, 4))}},
+          "merger": {"kernel": z((12, 5))},
+      },
+      "language_model": {
+          "embed_tokens": {"embedding": z((10, 4))},
+          "layers": {"q_proj": {"kernel": z((3, 4, 6))}},
+      },
+      "lm_head": {"kernel": z((4, 10))},
+  }
+  got = sorted(
+      (rows, w.shape) for rows, w in forward.linear_layers(params, 16, 4, 9)
+  )
+  want = sorted(
+      [(16, (7, 3)), (16, (3, 4)), (16, (3, 4)), (4, (12, 5))]
+      + [(9, (4, 6))] * 3
+      + [(9, (4, 10))]
+  )
+  assert got == want
 
 
 def test_a_failing_section_keeps_the_others_figures(tmp_path, monkeypatch):
