@@ -31,6 +31,11 @@ tokens sharing it), prints:
   rounding, since both are one model with float32 logits; and against a
   float32 forward, the size of bf16 itself.
 
+With `--profile=N`, the update and decode sections also trace one more
+call with `jax.profiler` and print their N most expensive XLA ops (the
+device's kernels on a GPU or TPU; XLA's thunks on a CPU), each with its
+share of all op time: where a step's time goes, from the same run.
+
 Print once, then paste the figures into the README with the device name.
 """
 
@@ -77,6 +82,79 @@ def _timeit(fn, repeats: int) -> float:
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
   return float(np.median(times))
+
+
+# Host-side events of XLA:CPU's runtime that wrap or wait on the ops.
+_CPU_RUNTIME_EVENTS = ("ThunkExecutor", "Slinky", "Threadpool", "end:")
+# Ops whose events contain their bodies' ops: counted through those.
+_CONTAINER_OPS = ("while", "conditional", "call")
+
+
+def op_times(trace_dir: str) -> dict[str, float]:
+  """Seconds per XLA op in the newest `jax.profiler` trace under
+  `trace_dir`, summed over its calls.
+
+  On a GPU or TPU, the device planes' "XLA Ops" line (or, where the
+  profiler writes none, every kernel on the device's lines); on a CPU, the
+  XLA ops run by the host's XLA threads. Loops and calls are left out:
+  their events span their bodies' ops, which are counted.
+  """
+  import collections  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+
+  files = glob.glob(
+      os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True
+  )
+  if not files:
+    raise FileNotFoundError(f"no *.xplane.pb trace under {trace_dir}")
+  data = jax.profiler.ProfileData.from_file(max(files, key=os.path.getmtime))
+  times = collections.Counter()
+  devices = [p for p in data.planes if p.name.startswith("/device:")]
+  for plane in devices:
+    lines = list(plane.lines)
+    ops = [l for l in lines if l.name == "XLA Ops"]
+    for line in ops or [l for l in lines if l.name != "XLA Modules"]:
+      for ev in line.events:
+        if ev.name.split(".")[0] in _CONTAINER_OPS:
+          continue
+        # The JAX op an XLA op came from, where the profiler records it.
+        source = dict(ev.stats).get("tf_op")
+        name = f"{ev.name} ({source})" if source else ev.name
+        times[name] += ev.duration_ns * 1e-9
+  if not devices:
+    for plane in data.planes:
+      for line in plane.lines:
+        if not line.name.startswith("tf_XLA"):
+          continue
+        for ev in line.events:
+          if ev.name.startswith(_CPU_RUNTIME_EVENTS):
+            continue
+          if ev.name.split(".")[0] not in _CONTAINER_OPS:
+            times[ev.name] += ev.duration_ns * 1e-9
+  return dict(times)
+
+
+def top_ops(fn, n: int) -> list[tuple[str, float, float]]:
+  """[(op, seconds, share of all op time)] of the n most expensive ops of
+  one traced call of `fn` (warm: compiled already)."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      jax.block_until_ready(fn())
+    times = op_times(d)
+  total = sum(times.values())
+  ranked = sorted(times.items(), key=lambda kv: -kv[1])[:n]
+  return [(name, sec, sec / total) for name, sec in ranked]
+
+
+def _print_top_ops(ops) -> None:
+  for name, sec, share in ops:
+    print(f"    {100 * share:5.1f}%  {sec * 1e3:9.2f} ms  {name}")
 
 
 def _setup_model(args):
@@ -249,6 +327,7 @@ def bench_update(args, config, model_config, graphdef, params):
   jax.block_until_ready(step())
   compile_s = time.perf_counter() - t0
   sec = _timeit(step, args.repeats)
+  ops = top_ops(step, args.profile) if args.profile else []
   flops, tokens = model_flops(
       model_config, params, prompt_len=tp, patches=patches, rows=args.rows,
       response_len=r,
@@ -260,6 +339,7 @@ def bench_update(args, config, model_config, graphdef, params):
       tflops=flops / sec / 1e12,
       compile_s=compile_s,
       shape=f"1 prompt ({tp} tok, {vis} visual) x {args.rows} responses of {r}",
+      top_ops=ops,
   )
 
 
@@ -307,6 +387,7 @@ def bench_decode(args, config, model_config, graphdef, params):
 
   full = _timeit(lambda: sample(r), args.repeats)
   one = _timeit(lambda: sample(1), args.repeats)
+  ops = top_ops(lambda: sample(r), args.profile) if args.profile else []
   n_seq = prompts * g
   per_step = (full - one) / max(r - 1, 1)
   t = model_config.text
@@ -330,6 +411,7 @@ def bench_decode(args, config, model_config, graphdef, params):
           f"{n_seq} sequences ({prompts} prompts x {g}), {tp}-token"
           f" prompts, {r} new tokens"
       ),
+      top_ops=ops,
   )
 
 
@@ -447,6 +529,7 @@ def _report_update(args, config, model_config, graphdef, params, *, peak, hbm,
       f" {u['tokens_per_sec']:.0f} tokens/s, {u['tflops']:.1f} TFLOP/s,"
       f" MFU {100 * mfu:.1f}% (compile {u['compile_s']:.0f} s)"
   )
+  _print_top_ops(u["top_ops"])
   return dict(u, mfu=mfu)
 
 
@@ -475,6 +558,7 @@ def _report_decode(args, config, model_config, graphdef, params, *, peak, hbm,
       f" {d['step_ms']:.2f} ms/step; roofline {roof * 1e3:.2f} ms/step"
       f" ({d['step_bytes'] / 1e9:.2f} GB read), {100 * share:.0f}% of it"
   )
+  _print_top_ops(d["top_ops"])
   return dict(d, roofline_share=share)
 
 
@@ -524,6 +608,12 @@ def main(argv=None):
   )
   parser.add_argument(
       "--out", default="", help="also write the figures to this JSON file"
+  )
+  parser.add_argument(
+      "--profile",
+      type=int,
+      default=0,
+      help="print the update's and decode's N most expensive XLA ops",
   )
   args = parser.parse_args(argv)
   if args.tiny:

@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,8 +16,14 @@ import forward  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 @pytest.mark.slow
 def test_accelerator_dry_run_reports_every_figure():
-  r = accelerator.main(["--tiny", "--repeats=3"])
+  r = accelerator.main(["--tiny", "--repeats=3", "--profile=5"])
   assert r["update"]["tokens_per_sec"] > 0 and r["update"]["tflops"] > 0
+  for section in ("update", "decode"):
+    ops = r[section]["top_ops"]
+    seconds = [sec for _, sec, _ in ops]
+    assert 0 < len(ops) <= 5 and min(seconds) > 0
+    assert seconds == sorted(seconds, reverse=True)
+    assert 0 < sum(share for _, _, share in ops) <= 1 + 1e-9
   # One forward without gradients: cheaper than the update's forward,
   # backward and optimizer step.
   assert 0 < r["old_logp"]["share_of_update"] < 1
@@ -29,6 +36,28 @@ def test_accelerator_dry_run_reports_every_figure():
   n = r["numerics"]
   assert np.isfinite([n["vs_train_max"], n["vs_f32_max"]]).all()
   assert n["vs_train_mean"] < n["vs_f32_mean"] and n["vs_train_max"] < 0.15
+
+
+def test_op_times_counts_the_ops_inside_a_loop_not_the_loop(tmp_path):
+  """One traced call of a jitted loop of matmuls: every op has a positive
+  time, the loop itself is not an op (its body's ops are), and the ops'
+  total fits in the call's wall time on this machine's threads."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  x = jnp.ones((128, 128))
+  f = jax.jit(
+      lambda x: jax.lax.fori_loop(0, 20, lambda i, y: jnp.tanh(y @ x), x)
+  )
+  f(x).block_until_ready()
+  with jax.profiler.trace(str(tmp_path)):
+    t0 = time.perf_counter()
+    f(x).block_until_ready()
+    wall = time.perf_counter() - t0
+  times = accelerator.op_times(str(tmp_path))
+  assert times and min(times.values()) > 0
+  assert not [name for name in times if name.startswith("while")]
+  assert sum(times.values()) <= wall * os.cpu_count()
 
 
 def test_model_flops_by_hand():
