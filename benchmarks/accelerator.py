@@ -110,29 +110,28 @@ def op_times(trace_dir: str) -> dict[str, float]:
   if not files:
     raise FileNotFoundError(f"no *.xplane.pb trace under {trace_dir}")
   data = jax.profiler.ProfileData.from_file(max(files, key=os.path.getmtime))
-  times = collections.Counter()
   devices = [p for p in data.planes if p.name.startswith("/device:")]
+  lines = []
   for plane in devices:
-    lines = list(plane.lines)
-    ops = [l for l in lines if l.name == "XLA Ops"]
-    for line in ops or [l for l in lines if l.name != "XLA Modules"]:
-      for ev in line.events:
-        if ev.name.split(".")[0] in _CONTAINER_OPS:
-          continue
-        # The JAX op an XLA op came from, where the profiler records it.
-        source = dict(ev.stats).get("tf_op")
-        name = f"{ev.name} ({source})" if source else ev.name
-        times[name] += ev.duration_ns * 1e-9
+    plane_lines = list(plane.lines)
+    ops = [l for l in plane_lines if l.name == "XLA Ops"]
+    lines += ops or [l for l in plane_lines if l.name != "XLA Modules"]
   if not devices:
-    for plane in data.planes:
-      for line in plane.lines:
-        if not line.name.startswith("tf_XLA"):
-          continue
-        for ev in line.events:
-          if ev.name.startswith(_CPU_RUNTIME_EVENTS):
-            continue
-          if ev.name.split(".")[0] not in _CONTAINER_OPS:
-            times[ev.name] += ev.duration_ns * 1e-9
+    lines = [
+        l for p in data.planes for l in p.lines if l.name.startswith("tf_XLA")
+    ]
+  times = collections.Counter()
+  for line in lines:
+    for ev in line.events:
+      if ev.name.startswith(_CPU_RUNTIME_EVENTS):
+        continue
+      if ev.name.split(".")[0] in _CONTAINER_OPS:
+        continue
+      # The JAX op an XLA op came from, where the profiler records it.
+      source = dict(ev.stats).get("tf_op")
+      times[f"{ev.name} ({source})" if source else ev.name] += (
+          ev.duration_ns * 1e-9
+      )
   return dict(times)
 
 
