@@ -85,7 +85,7 @@ def _prefill(model, batch: dict, vision, free: int = 0):
   """The prompts into a cache of their slots plus `free` empty ones.
 
   Returns the prompt forward's output (its cache holds the prompts' keys
-  and values), the key mask bool[B, Tp + free] (the free slots off) and the
+  and values; per layer for an unstacked model, as the sampler's), the key mask bool[B, Tp + free] (the free slots off) and the
   M-RoPE position of each row's first response token int[B].
   """
   ids, pos = batch["prompt_ids"], batch["position_ids"]
@@ -98,7 +98,13 @@ def _prefill(model, batch: dict, vision, free: int = 0):
       attention_mask=kv_mask,
       position_ids=pos,
       vision=vision,
-      cache=KVCache.zeros(model.config.text, b, tp + free, model.dtype),
+      cache=KVCache.zeros(
+          model.config.text,
+          b,
+          tp + free,
+          model.dtype,
+          per_layer=model.language_model.unstacked,
+      ),
       cache_index=0,
       return_logits=False,
   )
@@ -120,8 +126,16 @@ def _sample_program(
   for its G rows, and each row keeps only its own R response slots. With
   G = 1 (evaluation) every row decodes into its prompt's cache.
   """
-  # One cast of the float32 masters to the compute dtype, outside the
-  # decoding loop (bitwise the same forward; see `in_compute_dtype`).
+  # The decoder layers unstacked, once, outside the decoding loop: each
+  # step then reads each layer's weights, and writes and reads its own
+  # cache, where they lie (a scan over the stack slices, i.e. copies, both
+  # per layer and step). Weights left FSDP-sharded stay a scan: it gathers
+  # one layer's weights at a time, where an unrolled step could hold every
+  # layer's gathered weights at once.
+  if config.gather_weights or not sharding.fsdp_sharded():
+    model = model.with_layers_unstacked()
+  # One cast of the float32 masters to the compute dtype, also outside the
+  # loop (bitwise the same forward; see `in_compute_dtype`).
   model = model.in_compute_dtype()
   if config.gather_weights:
     graphdef, state = nnx.split(model)
@@ -138,7 +152,13 @@ def _sample_program(
   else:
     out, _, next_pos = _prefill(model, batch, batch.get("vision"))
     shared = dict(prefix_cache=out.cache, prefix_mask=batch["prompt_mask"])
-    cache = KVCache.zeros(model.config.text, n, r, model.dtype)
+    cache = KVCache.zeros(
+        model.config.text,
+        n,
+        r,
+        model.dtype,
+        per_layer=model.language_model.unstacked,
+    )
     kv_mask, offset = jnp.zeros((n, r), jnp.bool_), 0
   last = _head_logits(model, out.hidden[:, -1])  # left-padded: last is real
   last, next_pos = _repeat((last, next_pos), g)

@@ -111,6 +111,13 @@ def spec_for(
   return P(*out)
 
 
+def fsdp_sharded() -> bool:
+  """Whether the current mesh (`jax.set_mesh`) shards parameters over an
+  fsdp axis of more than one device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and mesh.shape.get("fsdp", 1) > 1
+
+
 def gather_fsdp(tree, rules=SAMPLER_RULES):
   """`tree`'s parameters whole along fsdp (and data) on every device, still
   sharded along tensor: one all-gather of each, inside a jitted program

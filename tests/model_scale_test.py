@@ -295,3 +295,62 @@ def test_compute_dtype_copy_computes_bitwise_the_same(family):
   assert np.abs(np.asarray(want[0])).max() > 0
   for a, b in zip(got, want):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_unstacked_layers_and_per_layer_caches_equal_the_stacked_model(
+    family,
+):
+  """What the sampler decodes with: the layers unstacked into L modules
+  and per-layer caches. The forward (logits, probe; DeepStack for Qwen3-VL),
+  the prefill's caches and a decoding step's logits equal the stacked,
+  scanned model's."""
+  config = (
+      helpers.tiny_config() if family == "qwen2_5_vl"
+      else helpers.tiny_qwen3_config()
+  )  # fmt: skip
+  batch, _ = _batch(config, seed=9)
+  model = models.create(config, seed=10)
+  unstacked = model.with_layers_unstacked()
+  assert unstacked.language_model.unstacked
+  assert not model.language_model.unstacked  # the model itself is kept
+  ids, mask, pos = batch["ids"], batch["mask"], batch["pos"]
+  b, t = ids.shape
+
+  def forward(m):
+    out = m(ids, attention_mask=mask, position_ids=pos, vision=batch["vis"],
+            attention_probe=batch["probe"])  # fmt: skip
+    return np.asarray(out.logits), np.asarray(out.visual_attention[1])
+
+  for a, want in zip(forward(unstacked), forward(model)):
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(a, want, atol=1e-6)
+
+  def prefill_and_step(m, per_layer):
+    kv_mask = np.concatenate([mask, np.zeros((b, 1), mask.dtype)], 1)
+    cache = models.KVCache.zeros(
+        config.text, b, t + 1, jnp.float32, per_layer=per_layer
+    )
+    out = m(ids, attention_mask=kv_mask, position_ids=pos,
+            vision=batch["vis"], cache=cache, cache_index=0)  # fmt: skip
+    assert out.cache.per_layer == per_layer
+    kv_mask[:, t] = 1
+    step_pos = np.broadcast_to(pos.max(axis=(0, 2))[None, :, None] + 1,
+                               (3, b, 1))  # fmt: skip
+    step = jax.jit(
+        lambda c: m(np.full((b, 1), 7), attention_mask=kv_mask,
+                    position_ids=step_pos, cache=c,
+                    cache_index=jnp.int32(t))  # fmt: skip
+    )(out.cache)
+    assert step.cache.per_layer == per_layer
+    stack = lambda x: np.asarray(jnp.stack(x) if per_layer else x)
+    return stack(out.cache.k), stack(step.cache.v), np.asarray(step.logits)
+
+  got = prefill_and_step(unstacked, True)
+  want = prefill_and_step(model, False)
+  real = np.asarray(mask, bool)
+  keys = lambda k: k[:, :, :, :t].transpose(0, 1, 3, 2, 4)[:, real]
+  np.testing.assert_allclose(keys(got[0]), keys(want[0]), atol=1e-5)
+  np.testing.assert_allclose(got[1][:, :, :, t], want[1][:, :, :, t],
+                             atol=1e-5)  # fmt: skip
+  np.testing.assert_allclose(got[2], want[2], atol=1e-5)

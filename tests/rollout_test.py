@@ -8,6 +8,7 @@ a mis-specified distribution fails it; one compiled program per bucket;
 stop tokens end responses and the decode loop.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -341,6 +342,58 @@ def test_decoding_loop_reads_compute_dtype_weights(pair, image_batch):
       if c[0] in shapes and c[1] == jnp.float32 and c[2] == jnp.bfloat16
   ]  # fmt: skip
   assert not inside, inside[:5]
+
+
+def _stacked_reads(jaxpr, stacked):
+  """(primitive, operand shape) of every slice, gather or scan in `jaxpr`
+  (nested too) that reads an array of a shape in `stacked`."""
+  reads = {"slice", "dynamic_slice", "gather", "scan", "squeeze"}
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in reads:
+      for v in eqn.invars:
+        shape = tuple(getattr(v.aval, "shape", ()))
+        if shape in stacked:
+          yield eqn.primitive.name, shape
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      yield from _stacked_reads(sub, stacked)
+
+
+@pytest.mark.parametrize("num_samples", [1, 4])
+def test_decoding_loop_reads_no_layer_out_of_a_stack(
+    pair, image_batch, num_samples
+):
+  """Each decoding step reads every layer's weights and cache where they
+  lie: nothing inside the loop slices (copies) a layer out of the stacked
+  weights or a stacked cache, as a scan over the stack would at every
+  step. G = 1 decodes into the prompt's cache, G = 4 beside a shared
+  prefix."""
+  config, _, _, model = pair
+  tcfg = config.text
+  graphdef, state = nnx.split(model)
+  stacked = {
+      tuple(x.shape)
+      for x in jax.tree.leaves(nnx.state(model.language_model.layers))
+  }
+  batch = _prompt(image_batch[1])
+  sampling = dataclasses.replace(SAMPLED, num_samples=num_samples)
+
+  def program(state):
+    return rollout.sample_traced(
+        nnx.merge(graphdef, state), batch, jax.random.key(0), sampling
+    )
+
+  jaxpr = jax.make_jaxpr(program)(state).jaxpr
+  decode = max(_while_bodies(jaxpr), key=lambda j: len(j.eqns))
+  kv = (tcfg.num_key_value_heads, tcfg.head_dim)
+  for eqn in decode.eqns:  # the caches the loop carries
+    for v in eqn.invars:
+      shape = tuple(getattr(v.aval, "shape", ()))
+      if len(shape) == 5 and shape[0] == tcfg.num_hidden_layers:
+        stacked.add(shape)
+  found = sorted(set(_stacked_reads(decode, stacked)))
+  assert not found, found
+  carried = [tuple(v.aval.shape) for v in decode.invars]
+  assert any(len(s) == 4 and (s[1], s[3]) == kv for s in carried), carried
 
 
 # ---------------------------------------------------------------------------

@@ -8,8 +8,9 @@ one `DecoderLayer`, stacked with a leading [L] axis (`layers.stacked`).
 Also here: the attention probe (`AttentionProbe`, `probe_attention`): for
 chosen layers, the attention of chosen query rows over chosen key columns
 (the visual tokens), computed from that layer's own q and k after RoPE
-with the same mask, as a thin [B, H, Q, S] product; the stacked KV cache
-(`KVCache`); and the forward's output (`ModelOutput`).
+with the same mask, as a thin [B, H, Q, S] product; the KV cache
+(`KVCache`, stacked or per layer); and the forward's output
+(`ModelOutput`).
 
 Axis alphabet: B batch, T query positions, S key positions (= T without a
 cache, = cache length with one), L layers, H heads, K kv heads, d head dim,
@@ -57,36 +58,59 @@ class AttentionProbe:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  """Keys and values of every layer, dtype[L, B, K, S, d] each.
+  """Keys and values of every layer, in one of two layouts.
 
-  One stacked array per tensor, the layout the scanned decoder carries;
-  heads before slots, so that a decoding step's two attention products read
+  Stacked: one dtype[L, B, K, S, d] array per tensor, what the scanned
+  decoder reads and writes. Per layer: tuples of L arrays dtype[B, K, S, d],
+  what the sampler's decoding loop carries. There each layer writes its new
+  keys into its own array and attends over it where it lies; a scanned
+  stack would slice, i.e. copy, every layer's cache out at every step.
+  Heads before slots, so that a decoding step's two attention products read
   a layer's cache as it lies.
   """
 
-  k: jax.Array
-  v: jax.Array
+  k: jax.Array | tuple[jax.Array, ...]
+  v: jax.Array | tuple[jax.Array, ...]
 
   @classmethod
-  def zeros(cls, cfg: TextConfig, batch: int, length: int, dtype):
-    shape = (
-        cfg.num_hidden_layers,
-        batch,
-        cfg.num_key_value_heads,
-        length,
-        cfg.head_dim,
-    )
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+  def zeros(
+      cls,
+      cfg: TextConfig,
+      batch: int,
+      length: int,
+      dtype,
+      per_layer: bool = False,
+  ):
+    shape = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
+    n = cfg.num_hidden_layers
+    if per_layer:
+      return cls(
+          k=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
+          v=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
+      )
+    return cls(k=jnp.zeros((n, *shape), dtype), v=jnp.zeros((n, *shape), dtype))
+
+  @property
+  def per_layer(self) -> bool:
+    return isinstance(self.k, tuple)
 
   @property
   def length(self) -> int:
-    return self.k.shape[3]
+    return self.k[0].shape[2] if self.per_layer else self.k.shape[3]
+
+  @property
+  def rows(self) -> int:
+    return self.k[0].shape[0] if self.per_layer else self.k.shape[1]
+
+  def layer(self, i: int) -> tuple[jax.Array, jax.Array]:
+    """Layer i's (k, v), [B, K, S, d] each."""
+    return self.k[i], self.v[i]
 
   def repeat(self, g: int) -> "KVCache":
     """Each sequence's cache g times in a row (the G samples of a prompt)."""
-    return KVCache(
-        k=jnp.repeat(self.k, g, axis=1), v=jnp.repeat(self.v, g, axis=1)
-    )
+    axis = 0 if self.per_layer else 1
+    rep = lambda a: jnp.repeat(a, g, axis=axis)
+    return KVCache(k=jax.tree.map(rep, self.k), v=jax.tree.map(rep, self.v))
 
 
 @jax.tree_util.register_dataclass
@@ -208,6 +232,9 @@ class Context:
   probe: AttentionProbe | None
   impl: str = "auto"
   prefix_mask: jax.Array | None = None  # bool[b, Tp]
+  # Per-layer caches: each layer writes its new keys into its own cache
+  # first, then attends over the whole cache (see `Attention.__call__`).
+  write_cache: bool = False
 
   @property
   def static_index(self) -> bool:
@@ -249,8 +276,11 @@ class Attention(nnx.Module):
     return layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
 
   def __call__(self, x, cos, sin, ctx: Context, layer_cache, prefix=None):
-    """Returns (output [B, T, D], the T new keys/values [B, K, T, d] (in
-    the cache's dtype), probe [B, H, Q, V] or None).
+    """Returns (output [B, T, D], keys/values, probe [B, H, Q, V] or None).
+
+    The keys/values are the T new ones [B, K, T, d] (in the cache's dtype),
+    for the caller to write; with `ctx.write_cache`, this layer's whole
+    cache [B, K, S, d] with the new ones written at `ctx.cache_index`.
 
     `layer_cache`: this layer's (k, v) cache [B, K, S, d] or None;
     `prefix`: this layer's shared prefix (k, v) [b, K, Tp, d] or None.
@@ -259,14 +289,24 @@ class Attention(nnx.Module):
     q, k = self.qk(x, cos, sin)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, d]
+    kv = None
     if layer_cache is not None:
       k = k.astype(layer_cache[0].dtype)
       v = v.astype(layer_cache[1].dtype)
+      if ctx.write_cache:
+        at = (0, 0, ctx.cache_index, 0)
+        layer_cache = (
+            jax.lax.dynamic_update_slice(layer_cache[0], k, at),
+            jax.lax.dynamic_update_slice(layer_cache[1], v, at),
+        )
+        kv = layer_cache
     out = self._attend(q, (k, v), layer_cache, ctx, prefix)
     probe = None
     if ctx.probe is not None:
       keys = k
-      if layer_cache is not None:
+      if kv is not None:
+        keys = kv[0]
+      elif layer_cache is not None:
         at = (0, 0, ctx.cache_index, 0)
         keys = jax.lax.dynamic_update_slice(layer_cache[0], k, at)
       probe = probe_attention(
@@ -274,15 +314,18 @@ class Attention(nnx.Module):
           self.head_dim**-0.5,
           None if prefix is None else (prefix[0], ctx.prefix_mask),
       )  # fmt: skip
-    return self.o_proj(out.reshape(b, t, -1)), (k, v), probe
+    out = self.o_proj(out.reshape(b, t, -1))
+    return out, (k, v) if kv is None else kv, probe
 
   def _attend(self, q, new_kv, layer_cache, ctx: Context, prefix):
     """Attention over the prefix (if any), the cached keys (if any) and the
     T new keys, merged by log-sum-exp when there is more than one part.
 
-    The cache is only read: the new keys are attended on their own rather
-    than written into a copy of the layer's cache (the layer returns them;
-    `decode` writes all layers' new keys into the stacked cache once).
+    A stacked cache is only read: the new keys are attended on their own
+    rather than written into a copy of the layer's cache (the layer returns
+    them; `decode` writes all layers' new keys into the stacked cache
+    once). With `ctx.write_cache` the layer's own cache already holds them
+    (and is read whole, the new keys included).
     """
     b, t = q.shape[:2]
     k, v = new_kv
@@ -291,39 +334,43 @@ class Attention(nnx.Module):
     key_mask = ctx.key_mask
     fresh = layer_cache is None or (ctx.static_index and ctx.cache_index == 0)
     parts = []
-    if not fresh:  # decoding: the cached keys before the new ones
+    if not fresh:  # decoding: the cached keys (before the new ones)
       ck, cv = layer_cache
       s = ck.shape[2]
       slot = jnp.arange(s, dtype=jnp.int32)
-      new = (slot >= ctx.cache_index) & (slot < ctx.cache_index + t)
+      cached = key_mask
+      if not ctx.write_cache:
+        new = (slot >= ctx.cache_index) & (slot < ctx.cache_index + t)
+        cached = key_mask & ~new[None]
       parts.append(
           attention_lib.attend(
               q, ck, cv,
               q_seg=jnp.ones((b, t), jnp.int32),
-              kv_seg=(key_mask & ~new[None]).astype(jnp.int32),
+              kv_seg=cached.astype(jnp.int32),
               q_pos=slots,
               kv_pos=jnp.broadcast_to(slot[None], (b, s)),
               scale=scale,
               impl="xla",  # one query row per sequence: nothing to fuse
-              return_lse=True,
+              return_lse=not ctx.write_cache or prefix is not None,
           )
       )  # fmt: skip
-    # The T new keys (all of them, without a cache or in a fresh one).
-    new_mask = jax.lax.dynamic_slice_in_dim(key_mask, ctx.cache_index, t, 1)
-    new_seg = new_mask.astype(jnp.int32)
-    parts.append(
-        attention_lib.attend(
-            q, k, v,
-            q_seg=new_seg,
-            kv_seg=new_seg,
-            q_pos=slots,
-            kv_pos=slots,
-            scale=scale,
-            impl=ctx.impl if fresh else "xla",
-            return_lse=bool(parts) or prefix is not None,
-            causal_offset=0 if fresh else None,
-        )
-    )  # fmt: skip
+    if fresh or not ctx.write_cache:
+      # The T new keys (all of them, without a cache or in a fresh one).
+      new_mask = jax.lax.dynamic_slice_in_dim(key_mask, ctx.cache_index, t, 1)
+      new_seg = new_mask.astype(jnp.int32)
+      parts.append(
+          attention_lib.attend(
+              q, k, v,
+              q_seg=new_seg,
+              kv_seg=new_seg,
+              q_pos=slots,
+              kv_pos=slots,
+              scale=scale,
+              impl=ctx.impl if fresh else "xla",
+              return_lse=bool(parts) or prefix is not None,
+              causal_offset=0 if fresh else None,
+          )
+      )  # fmt: skip
     if prefix is not None:
       # The group's shared prefix, once per group: its G rows' queries are
       # stacked as the rows of one longer query block.
@@ -399,6 +446,25 @@ class TextModel(nnx.Module):
         param_dtype=param_dtype,
     )  # fmt: skip
 
+  @property
+  def unstacked(self) -> bool:
+    """Whether the layers are L separate modules (`unstack`)."""
+    return isinstance(self.layers, nnx.List)
+
   def layer(self, i: int) -> DecoderLayer:
     """Decoder layer i as its own module (a view of the stacked weights)."""
+    if self.unstacked:
+      return self.layers[i]
     return layers.layer_slice(self.layers, i)
+
+  def unstack(self) -> None:
+    """Replaces the stacked layers by L modules, each holding its slice.
+
+    For a copy made inside a jitted function (see
+    `VisionLanguageModel.with_layers_unstacked`): the slices are taken once,
+    and a loop that runs the layers many times reads each layer's weights
+    where they lie.
+    """
+    if not self.unstacked:
+      n = self.cfg.num_hidden_layers
+      self.layers = nnx.List(self.layer(i) for i in range(n))

@@ -21,7 +21,9 @@ stored in `param_dtype` (float32 masters for training) and computed in
 `dtype` (bf16 on accelerators). The main attention never forms a
 [B, T, S] mask or score tensor outside the `xla` implementation: masks are
 segment ids and positions (`attention.attend`). Probed layers run outside
-the scan, so only they pay for the probe.
+the scan, so only they pay for the probe. The sampler decodes with the
+layers unstacked (`with_layers_unstacked`) and a per-layer `KVCache`, so
+that no decoding step copies a layer's weights or cache out of a stack.
 
 Axis alphabet: B batch, T query positions, S key positions, L layers,
 K kv heads, d head dim, D width, V visual tokens, N DeepStack levels.
@@ -174,6 +176,22 @@ class VisionLanguageModel(nnx.Module):
 
     return nnx.merge(graphdef, jax.tree.map(cast, params), rest)
 
+  def with_layers_unstacked(self) -> VisionLanguageModel:
+    """This model with its decoder layers as L modules, each holding its
+    own slice of the stacked weights (meant for inside a jitted function).
+
+    The forward is the same, run as a Python loop over the layers. The
+    sampler decodes with it: a scanned decoding step would slice (copy)
+    every layer's weights out of the stack at every step, where an unstacked
+    one reads them where they lie. Made before `in_compute_dtype`, the
+    slices fuse with the cast, so the two together hold one compute-dtype
+    copy of the decoder, as the cast alone does.
+    """
+    graphdef, state = nnx.split(self)
+    model = nnx.merge(graphdef, state)
+    model.language_model.unstack()
+    return model
+
   def head_weight(self) -> jax.Array:
     """The output projection as [D, vocab], in the compute dtype."""
     if self.config.text.tie_word_embeddings:
@@ -296,10 +314,10 @@ class VisionLanguageModel(nnx.Module):
     if prefix_cache is not None:
       if prefix_mask is None:
         raise ValueError("prefix_cache needs prefix_mask")
-      if b % prefix_cache.k.shape[1]:
+      if b % prefix_cache.rows:
         raise ValueError(
             f"{b} rows do not split into groups of the prefix's"
-            f" {prefix_cache.k.shape[1]} rows"
+            f" {prefix_cache.rows} rows"
         )
       prefix_mask = jnp.asarray(prefix_mask).astype(jnp.bool_)
     ctx = Context(
@@ -352,8 +370,12 @@ class VisionLanguageModel(nnx.Module):
     decoder layer i < N, row b's k-th visual position gets features[i, b,
     k] added (Qwen3-VL's DeepStack; only forwards that carry images).
 
-    Returns (hidden [B, T, D] before the final norm, the updated cache or
-    None, {probed layer: attention}).
+    An unstacked model (`with_layers_unstacked`), or a per-layer cache,
+    runs the layers as a Python loop; with a per-layer cache each layer
+    writes its new keys into its own cache and attends over it in place.
+
+    Returns (hidden [B, T, D] before the final norm, the updated cache (in
+    the layout it came in) or None, {probed layer: attention}).
     """
     tcfg = self.config.text
     n = tcfg.num_hidden_layers
@@ -394,6 +416,36 @@ class VisionLanguageModel(nnx.Module):
       features = deepstack[0][start:stop] if stop <= levels else None
       return take(cache), take(prefix), features
 
+    per_layer_cache = cache is not None and cache.per_layer
+    if self.language_model.unstacked or per_layer_cache:
+      step_ctx = dataclasses.replace(plain, write_cache=per_layer_cache)
+      new_kv, visual_attention = [], {}
+      for i in range(n):
+        layer_ctx = step_ctx
+        if i in probed:
+          layer_ctx = dataclasses.replace(step_ctx, probe=probe)
+        one = lambda layer, x, xs, c=layer_ctx: run(layer, x, xs, c)
+        if self.remat != "none":
+          one = jax.checkpoint(one, policy=layers.remat_policy(self.remat))
+        x, (kv, out) = one(
+            self.language_model.layer(i),
+            x,
+            (
+                None if cache is None else cache.layer(i),
+                None if prefix is None else prefix.layer(i),
+                deepstack[0][i] if i < levels else None,
+            ),
+        )
+        new_kv.append(kv)
+        if i in probed:
+          visual_attention[i] = out if probe.per_head else out.mean(axis=1)
+      if per_layer_cache:
+        ks, vs = zip(*new_kv)
+        return x, KVCache(k=tuple(ks), v=tuple(vs)), visual_attention
+      if cache is not None:
+        new_kv = [jax.tree.map(lambda a: a[None], kv) for kv in new_kv]
+      return x, self._write(cache, new_kv, ctx), visual_attention
+
     # Runs of layers are cut at each probed layer (run alone, outside the
     # scan, with the probe) and where DeepStack stops, so that within a run
     # every layer takes the same inputs. The caches enter as per-layer
@@ -432,16 +484,21 @@ class VisionLanguageModel(nnx.Module):
       )
       if ys is not None and cache is not None:
         new_kv.append(ys[0])
-    new_cache = None
-    if cache is not None:
-      k_new = jnp.concatenate([kv[0] for kv in new_kv], axis=0)
-      v_new = jnp.concatenate([kv[1] for kv in new_kv], axis=0)
-      at = (0, 0, 0, ctx.cache_index, 0)
-      new_cache = KVCache(
-          k=jax.lax.dynamic_update_slice(cache.k, k_new, at),
-          v=jax.lax.dynamic_update_slice(cache.v, v_new, at),
-      )
-    return x, new_cache, visual_attention
+    return x, self._write(cache, new_kv, ctx), visual_attention
+
+  @staticmethod
+  def _write(cache: KVCache | None, new_kv, ctx: Context):
+    """The stacked cache with every layer's T new keys and values ([l, B,
+    K, T, d] per run of l layers, in layer order) written at once."""
+    if cache is None:
+      return None
+    k_new = jnp.concatenate([kv[0] for kv in new_kv], axis=0)
+    v_new = jnp.concatenate([kv[1] for kv in new_kv], axis=0)
+    at = (0, 0, 0, ctx.cache_index, 0)
+    return KVCache(
+        k=jax.lax.dynamic_update_slice(cache.k, k_new, at),
+        v=jax.lax.dynamic_update_slice(cache.v, v_new, at),
+    )
 
 
 def _gather(features: jax.Array, slots, dtype) -> jax.Array:
