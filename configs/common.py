@@ -308,7 +308,7 @@ def real_checkpoint(c, arg, family: str):
   c.rl.analysis_chunk = c.rl.micro_batch
   # The rollout gathers the bf16 weights once per call (gather_weights
   # below), so the 7B's whole copy sits beside its KV cache: 1,024
-  # sequences per call (55.4 GiB per device) instead of 2,048 (78.9).
+  # sequences per call (50.4 GiB per device).
   c.rl.rollout_chunk = 2048 if arg.variant == "3b" else 1024
   c.sft.micro_batch = 8
   # gather_weights: the rollout gathers the FSDP-sharded bf16 weights once
@@ -365,14 +365,15 @@ def ease_paper(c, arg):
   c.eval.sampled = 0  # greedy accuracy only
   # 512 x 5 / 16 minibatches = 160 rows each, in micro-batches of 80
   # (10 per device); 640 sequences (80 per device) per sampling call.
-  # 8B: update 56.4 GiB, rollout 54.8 GiB per device (4B: 35.0, 62.1).
+  # 8B: update 56.4 GiB, rollout 64.2 GiB per device (4B: 35.0, 46.0).
   c.rl.micro_batch = 80
   c.rl.analysis_chunk = 80
   c.rl.rollout_chunk = 640
-  # The 8B's gathered weights do not fit beside 640 sequences' caches (85.3
-  # GiB per device; 76.1 at 320): its rollout keeps them FSDP-sharded and
-  # gathers each layer at every step. The 4B gathers once (62.1 GiB).
-  c.rl.sampling.gather_weights = arg.variant != "8b"
+  # Every size gathers the weights once per call (the common setting): with
+  # the sampler's unstacked layers and per-layer caches, the 8B's gathered
+  # rollout fits beside 640 sequences' caches (64.2 GiB; it took 85.3 when
+  # decoding scanned the stack, and the recipe then gathered every layer at
+  # every step instead).
   return c
 
 
