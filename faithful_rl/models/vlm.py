@@ -185,7 +185,8 @@ class VisionLanguageModel(nnx.Module):
     every layer's weights out of the stack at every step, where an unstacked
     one reads them where they lie. Made before `in_compute_dtype`, the
     slices fuse with the cast, so the two together hold one compute-dtype
-    copy of the decoder, as the cast alone does.
+    copy of the decoder, as the cast alone does (when the parameters are
+    already in the compute dtype, the slices are that copy).
     """
     graphdef, state = nnx.split(self)
     model = nnx.merge(graphdef, state)
