@@ -164,20 +164,41 @@ def _sample_program(
   last, next_pos = _repeat((last, next_pos), g)
   stop = jnp.asarray(config.stop_tokens or (-1,), jnp.int32)
 
-  def cond(state):
-    step, done = state[0], state[4]
-    return (step < r) & ~jnp.all(done)
-
-  def body(state):
-    step, tokens, logprobs, mask, done, cache, kv_mask, logits = state
+  def choose(step, logits, picked):
+    """Each row's token at `step` from its logits, written into `picked`
+    (tokens, log-probs, mask, done); rows already done get padding."""
+    tokens, logprobs, mask, done = picked
     keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
     tok, lp = select_tokens(keys, logits, config)
     tok = jnp.where(done, config.pad_token, tok)
     lp = jnp.where(done, 0.0, lp)
-    tokens = tokens.at[:, step].set(tok)
-    logprobs = logprobs.at[:, step].set(lp)
-    mask = mask.at[:, step].set(~done)
-    done = done | jnp.isin(tok, stop)
+    return tok, (
+        tokens.at[:, step].set(tok),
+        logprobs.at[:, step].set(lp),
+        mask.at[:, step].set(~done),
+        done | jnp.isin(tok, stop),
+    )
+
+  # The first token comes from the prompt's logits; each loop step then
+  # runs the forward of the token just chosen and chooses the next, so no
+  # forward is computed past the last token (or once every row is done).
+  tok, picked = choose(
+      0,
+      last,
+      (
+          jnp.full((n, r), config.pad_token, jnp.int32),
+          jnp.zeros((n, r), jnp.float32),
+          jnp.zeros((n, r), jnp.bool_),
+          jnp.zeros((n,), jnp.bool_),
+      ),
+  )
+
+  def cond(state):
+    step, _, picked = state[:3]
+    return (step + 1 < r) & ~jnp.all(picked[3])
+
+  def body(state):
+    step, tok, picked, cache, kv_mask = state
     kv_mask = kv_mask.at[:, offset + step].set(True)
     step_pos = jnp.broadcast_to((next_pos + step)[None, :, None], (3, n, 1))
     out = model(
@@ -190,21 +211,13 @@ def _sample_program(
         **shared,
     )
     logits = _head_logits(model, out.hidden[:, 0])
-    return (step + 1, tokens, logprobs, mask, done, out.cache, kv_mask,
-            logits)  # fmt: skip
+    tok, picked = choose(step + 1, logits, picked)
+    return step + 1, tok, picked, out.cache, kv_mask
 
-  init = (
-      jnp.int32(0),
-      jnp.full((n, r), config.pad_token, jnp.int32),
-      jnp.zeros((n, r), jnp.float32),
-      jnp.zeros((n, r), jnp.bool_),
-      jnp.zeros((n,), jnp.bool_),
-      cache,
-      kv_mask,
-      last,
+  final = jax.lax.while_loop(
+      cond, body, (jnp.int32(0), tok, picked, cache, kv_mask)
   )
-  final = jax.lax.while_loop(cond, body, init)
-  tokens, logprobs, mask, done = final[1], final[2], final[3], final[4]
+  tokens, logprobs, mask, done = final[2]
   return Rollout(
       tokens=tokens,
       logprobs=logprobs,

@@ -734,12 +734,14 @@ def test_stop_tokens_end_responses_and_the_loop(pair, image_batch):
     assert _CALLS[0] == 48 and set(_CALLS[1:]) == {1}
     return out, len(_CALLS) - 1  # decode steps
 
+  # The prompt's forward gives the first token; each decoding step runs
+  # the forward of one more token: R - 1 of them, none past the last token.
   free, steps = run(12, ())
-  assert steps == 12 and free.truncated.all() and (free.lengths == 12).all()
-  # Row 0 stops, row 1 does not: the loop runs all R steps.
+  assert steps == 11 and free.truncated.all() and (free.lengths == 12).all()
+  # Row 0 stops, row 1 does not: the loop runs all R - 1 steps.
   stop, at = _pick_stop(free.tokens, stop_row=0, free_rows=[1], hi=10)
   out, steps = run(12, (stop,))
-  assert steps == 12
+  assert steps == 11
   assert not out.truncated[0] and out.lengths[0] == at + 1
   np.testing.assert_array_equal(
       out.tokens[0, : at + 1], free.tokens[0, : at + 1]
@@ -752,7 +754,8 @@ def test_stop_tokens_end_responses_and_the_loop(pair, image_batch):
   assert (out.logprobs[0, at + 1 :] == 0).all()
   assert out.truncated[1] and out.lengths[1] == 12 and out.mask[1].all()
   np.testing.assert_array_equal(out.tokens[1], free.tokens[1])
-  # Every row emits one of these by step 4: the loop ends there, whatever R.
+  # Every row emits one of these by step 4: the loop ends there, whatever R
+  # (no forward of the last stop token).
   stops = tuple(sorted({int(t) for t in free.tokens[:, 4]}))
   short, steps_short = run(12, stops)
   long, steps_long = run(40, stops)
@@ -760,7 +763,7 @@ def test_stop_tokens_end_responses_and_the_loop(pair, image_batch):
       int(np.flatnonzero(np.isin(row, stops))[0]) + 1 for row in free.tokens
   ]
   np.testing.assert_array_equal(short.lengths, ends)
-  assert max(ends) <= 5 and steps_short == steps_long == max(ends)
+  assert max(ends) <= 5 and steps_short == steps_long == max(ends) - 1
   assert not short.truncated.any()
   for key in ("tokens", "logprobs", "mask", "lengths", "truncated"):
     a, b = getattr(short, key), getattr(long, key)
