@@ -85,8 +85,9 @@ def _prefill(model, batch: dict, vision, free: int = 0):
   """The prompts into a cache of their slots plus `free` empty ones.
 
   Returns the prompt forward's output (its cache holds the prompts' keys
-  and values; per layer for an unstacked model, as the sampler's), the key mask bool[B, Tp + free] (the free slots off) and the
-  M-RoPE position of each row's first response token int[B].
+  and values; per layer for an unstacked model, as the sampler's), the key
+  mask bool[B, Tp + free] (the free slots off) and the M-RoPE position of
+  each row's first response token int[B].
   """
   ids, pos = batch["prompt_ids"], batch["position_ids"]
   b, tp = ids.shape

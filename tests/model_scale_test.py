@@ -346,11 +346,31 @@ def test_unstacked_layers_and_per_layer_caches_equal_the_stacked_model(
     stack = lambda x: np.asarray(jnp.stack(x) if per_layer else x)
     return stack(out.cache.k), stack(step.cache.v), np.asarray(step.logits)
 
-  got = prefill_and_step(unstacked, True)
   want = prefill_and_step(model, False)
   real = np.asarray(mask, bool)
   keys = lambda k: k[:, :, :, :t].transpose(0, 1, 3, 2, 4)[:, real]
-  np.testing.assert_allclose(keys(got[0]), keys(want[0]), atol=1e-5)
-  np.testing.assert_allclose(got[1][:, :, :, t], want[1][:, :, :, t],
-                             atol=1e-5)  # fmt: skip
-  np.testing.assert_allclose(got[2], want[2], atol=1e-5)
+  # The sampler's pairing, and an unstacked model over a stacked cache.
+  for per_layer in (True, False):
+    got = prefill_and_step(unstacked, per_layer)
+    np.testing.assert_allclose(keys(got[0]), keys(want[0]), atol=1e-5)
+    np.testing.assert_allclose(got[1][:, :, :, t], want[1][:, :, :, t],
+                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(got[2], want[2], atol=1e-5)
+
+
+def test_per_layer_cache_repeats_as_the_stacked_one():
+  config = helpers.tiny_config()
+  rng = np.random.default_rng(11)
+  stacked = models.KVCache.zeros(config.text, 2, 5, jnp.float32)
+  stacked = models.KVCache(
+      k=jnp.asarray(rng.standard_normal(stacked.k.shape), jnp.float32),
+      v=jnp.asarray(rng.standard_normal(stacked.v.shape), jnp.float32),
+  )
+  per_layer = models.KVCache(k=tuple(stacked.k), v=tuple(stacked.v))
+  assert per_layer.per_layer and not stacked.per_layer
+  assert (per_layer.rows, per_layer.length) == (stacked.rows, 5) == (2, 5)
+  want, got = stacked.repeat(3), per_layer.repeat(3)
+  assert got.rows == 6
+  np.testing.assert_array_equal(np.stack(got.k), want.k)
+  np.testing.assert_array_equal(np.stack(got.v), want.v)
+  np.testing.assert_array_equal(want.k[:, 1], stacked.k[:, 0])  # row 0 x3

@@ -289,25 +289,23 @@ class Attention(nnx.Module):
     q, k = self.qk(x, cos, sin)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, d]
-    kv = None
+    written = layer_cache is not None and ctx.write_cache
+    at = (0, 0, ctx.cache_index, 0)
     if layer_cache is not None:
       k = k.astype(layer_cache[0].dtype)
       v = v.astype(layer_cache[1].dtype)
-      if ctx.write_cache:
-        at = (0, 0, ctx.cache_index, 0)
-        layer_cache = (
-            jax.lax.dynamic_update_slice(layer_cache[0], k, at),
-            jax.lax.dynamic_update_slice(layer_cache[1], v, at),
-        )
-        kv = layer_cache
+    if written:
+      layer_cache = (
+          jax.lax.dynamic_update_slice(layer_cache[0], k, at),
+          jax.lax.dynamic_update_slice(layer_cache[1], v, at),
+      )
     out = self._attend(q, (k, v), layer_cache, ctx, prefix)
     probe = None
     if ctx.probe is not None:
       keys = k
-      if kv is not None:
-        keys = kv[0]
+      if written:
+        keys = layer_cache[0]
       elif layer_cache is not None:
-        at = (0, 0, ctx.cache_index, 0)
         keys = jax.lax.dynamic_update_slice(layer_cache[0], k, at)
       probe = probe_attention(
           q, keys, ctx.key_mask, ctx.query_slots, ctx.probe,
@@ -315,7 +313,7 @@ class Attention(nnx.Module):
           None if prefix is None else (prefix[0], ctx.prefix_mask),
       )  # fmt: skip
     out = self.o_proj(out.reshape(b, t, -1))
-    return out, (k, v) if kv is None else kv, probe
+    return out, layer_cache if written else (k, v), probe
 
   def _attend(self, q, new_kv, layer_cache, ctx: Context, prefix):
     """Attention over the prefix (if any), the cached keys (if any) and the

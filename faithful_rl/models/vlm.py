@@ -422,9 +422,9 @@ class VisionLanguageModel(nnx.Module):
       step_ctx = dataclasses.replace(plain, write_cache=per_layer_cache)
       new_kv, visual_attention = [], {}
       for i in range(n):
-        layer_ctx = step_ctx
-        if i in probed:
-          layer_ctx = dataclasses.replace(step_ctx, probe=probe)
+        layer_ctx = dataclasses.replace(
+            step_ctx, probe=probe if i in probed else None
+        )
         one = lambda layer, x, xs, c=layer_ctx: run(layer, x, xs, c)
         if self.remat != "none":
           one = jax.checkpoint(one, policy=layers.remat_policy(self.remat))
