@@ -26,23 +26,8 @@ RECIPE_ARGS = dict(
     variant="7b", hf_dir="", data="", eval_data="", demo=False, runlocal=False
 )
 QWEN3_RECIPE_ARGS = dict(RECIPE_ARGS, variant="8b")
-
-# Per model family: its sizes; the side of one merged visual token (px);
-# the patch-slot buckets (Qwen2.5-VL's window layout pads a near-square
-# image's 1,280 tokens to 80-81 windows of 64 patches, 5,120-5,184 slots;
-# Qwen3-VL has no windows: 1,280 tokens are 5,120 patches).
-FAMILIES = {
-    "qwen2_5_vl": dict(
-        variants=("3b", "7b"),
-        token_px=28,
-        patch_buckets=(1024, 2048, 4096, 6144),
-    ),
-    "qwen3_vl": dict(
-        variants=("4b", "8b"),
-        token_px=32,
-        patch_buckets=(1024, 2048, 4096, 5120),
-    ),
-}
+# The Qwen3-VL sizes EASE's published runs (`ease_paper`) are sized for.
+QWEN3_VARIANTS = ("4b", "8b")
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -229,9 +214,12 @@ def set_algorithm(c, algorithm: str):
   return c
 
 
-def recipe(arg, algorithm: str, stages=("rl",), family="qwen2_5_vl"):
+def recipe(
+    arg, algorithm: str, stages=("rl",), family="qwen2_5_vl", variants=None
+):
   """The base of a recipe file: the demo, or the real recipe of `family`
-  (a key of `FAMILIES`) at `arg.variant`.
+  (a registered model family) at `arg.variant`, one of `variants`
+  (default: the family's sizes in `faithful_rl.models.archs`).
 
   `arg` as `parse_arg(arg, **RECIPE_ARGS)` makes it. The file then sets its
   method's switches and returns `sized(c, arg)`.
@@ -246,7 +234,7 @@ def recipe(arg, algorithm: str, stages=("rl",), family="qwen2_5_vl"):
   c = base_config()
   set_algorithm(c, algorithm)
   c.stages = tuple(stages)
-  return real_checkpoint(c, arg, family)
+  return real_checkpoint(c, arg, family, variants)
 
 
 def sized(c, arg):
@@ -264,18 +252,24 @@ def sized(c, arg):
   return runlocal(c)
 
 
-def real_checkpoint(c, arg, family: str):
-  """Settings shared by the real-checkpoint recipes of both families.
+def real_checkpoint(c, arg, family: str, variants=None):
+  """Settings shared by the real-checkpoint recipes of every family.
 
-  `arg`: variant (`FAMILIES[family]["variants"]`), hf_dir=<local HF
-  folder>, data=<train.jsonl>, eval_data=<eval.jsonl>; without data, the
-  synthetic task at 112-224 px.
+  `arg`: variant (one of `variants`, default the family's sizes in
+  `archs`), hf_dir=<local HF folder>, data=<train.jsonl>,
+  eval_data=<eval.jsonl>; without data, the synthetic task at 112-224 px.
+  The images' token side and the patch buckets are the family's
+  (`faithful_rl.models.families`).
   """
-  fam = FAMILIES[family]
-  if arg.variant not in fam["variants"]:
+  from faithful_rl.models import archs  # pylint: disable=g-import-not-at-top
+  from faithful_rl.models import families  # pylint: disable=g-import-not-at-top
+
+  variants = variants or archs.variants(family)
+  if arg.variant not in variants:
     raise ValueError(
-        f"variant must be {' or '.join(fam['variants'])}, not {arg.variant!r}"
+        f"variant must be {' or '.join(variants)}, not {arg.variant!r}"
     )
+  arch = archs.get(f"{family}_{arg.variant}")
   c.model.init = "hf"
   c.model.arch = f"{family}_{arg.variant}"
   c.model.hf_dir = arg.hf_dir
@@ -287,9 +281,10 @@ def real_checkpoint(c, arg, family: str):
       c.data.jsonl["validation"] = arg.eval_data
       c.data.jsonl["test"] = arg.eval_data
   c.data.prompt_buckets = (512, 1024, 2048)
-  c.data.patch_buckets = fam["patch_buckets"]
+  c.data.patch_buckets = families.get(family).patch_buckets
   c.data.response_buckets = (256, 512, 1024)
-  c.data.processor.max_pixels = 1280 * fam["token_px"] ** 2  # 1,280 tokens
+  token_px = arch.vision.token_pixels  # the side of one merged token
+  c.data.processor.max_pixels = 1280 * token_px**2  # 1,280 tokens
   c.model.remat = "full"  # benchmarks/memory.py: what makes the recipes fit
   # In bf16 the sampler's log-probs are 0.03 nats per token off the
   # training forward's (3B, H200, docs/models.md): recompute them.

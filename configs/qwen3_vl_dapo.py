@@ -20,5 +20,7 @@ from configs import common
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, **common.QWEN3_RECIPE_ARGS)
-  c = common.recipe(arg, "dapo", family="qwen3_vl")
+  c = common.recipe(
+      arg, "dapo", family="qwen3_vl", variants=common.QWEN3_VARIANTS
+  )
   return common.sized(common.ease_paper(c, arg), arg)

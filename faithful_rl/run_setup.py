@@ -23,16 +23,22 @@ from faithful_rl.data import processing
 from faithful_rl.data import synthetic
 from faithful_rl.data import tokenizer as tok_lib
 from faithful_rl.models import archs
+from faithful_rl.models import families
 from faithful_rl.models.config import ModelConfig
 from faithful_rl.models.config import TextConfig
-from faithful_rl.models.config import VisionConfig
 
 
 def model_config_for(config, processor=None) -> ModelConfig:
-  """The model's architecture, without loading any weights."""
+  """The model's architecture, without loading any weights.
+
+  From scratch: `config.model.scratch` holds the TextConfig and vision
+  config fields (`text`, `vision`) and optionally the `family` (default
+  qwen2_5_vl); the token ids are the tokenizer's.
+  """
   m = config.model
   if m.init == "scratch":
     sc = m.scratch.to_dict() if hasattr(m.scratch, "to_dict") else m.scratch
+    family = families.get(sc.get("family", "qwen2_5_vl"))
     text = dict(sc["text"])
     vision = dict(sc["vision"])
     for d in (text, vision):
@@ -43,8 +49,9 @@ def model_config_for(config, processor=None) -> ModelConfig:
         (processor.tokenizer if processor else _demo_tokenizer())
     )
     return ModelConfig(
+        family=family.name,
         text=TextConfig(**text),
-        vision=VisionConfig(**vision),
+        vision=family.vision_config(**vision),
         **ids.model_config_kwargs(),
     )
   if m.hf_dir and os.path.exists(os.path.join(m.hf_dir, "config.json")):

@@ -3,13 +3,16 @@
 Used where the shape of a model is needed without its weights (planning a
 mesh, `jax.eval_shape` of a recipe, tests); `from_pretrained` always reads
 the checkpoint's own config.json.
+
+This module imports every model family's module (`families` loads it to
+find them): a new family adds its import and its sizes here.
 """
 
-from faithful_rl.models.config import QWEN3_TEXT
 from faithful_rl.models.config import ModelConfig
-from faithful_rl.models.config import Qwen3VisionConfig
 from faithful_rl.models.config import TextConfig
-from faithful_rl.models.config import VisionConfig
+from faithful_rl.models.qwen2_5_vl import VisionConfig
+from faithful_rl.models.qwen3_vl import QWEN3_TEXT
+from faithful_rl.models.qwen3_vl import Qwen3VisionConfig
 
 _VISION = dict(
     depth=32,
@@ -100,3 +103,13 @@ def get(name: str) -> ModelConfig:
   if name not in ARCHS:
     raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHS)}")
   return ARCHS[name]
+
+
+def variants(family: str) -> tuple[str, ...]:
+  """The sizes of `family` named here ("3b", "7b" of qwen2_5_vl_3b, ...)."""
+  prefix = f"{family}_"
+  return tuple(
+      n[len(prefix) :]
+      for n, c in ARCHS.items()
+      if c.family == family and n.startswith(prefix)
+  )

@@ -1,9 +1,11 @@
 """Hugging Face checkpoints <-> Flax NNX parameters, tensor by tensor.
 
-The mapping is a pure function of the family and the parameter path: HF
-`Linear` weights are [out, in] and ours [in, out]; the patch Conv3d
-(stride = kernel) is a linear map of the flattened (channel, time, row,
-col) patch; norms, biases and embeddings are copied. Both HF key layouts
+The mapping is a pure function of the family (`families.Family`: the
+model class, the HF prefix of each top-level module, extra stacked modules
+and layouts) and the parameter path: HF `Linear` weights are [out, in] and
+ours [in, out]; the patch Conv3d (stride = kernel) is a linear map of the
+flattened (channel, time, row, col) patch; norms, biases and embeddings
+are copied. Both HF key layouts
 are read: the flat one (`model.layers.*`, `visual.*`) and the nested one
 (`model.language_model.*`, `model.visual.*`). We write each family's
 published layout, which is also what `transformers` writes: flat for
@@ -22,6 +24,7 @@ CLI (an Orbax copy restores faster and sharded):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -33,12 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from faithful_rl.models import families
 from faithful_rl.models import safetensors_io
 from faithful_rl.models.config import CheckpointError
 from faithful_rl.models.config import ModelConfig
 from faithful_rl.models.config import read_config
-from faithful_rl.models.qwen2_5_vl import Qwen2_5_VL
-from faithful_rl.models.qwen3_vl import Qwen3_VL
 
 Path = tuple[Any, ...]
 ShardingFn = Callable[[Path, tuple[int, ...]], Any]
@@ -59,45 +61,73 @@ AUX_FILES = (
     "video_preprocessor_config.json",
 )
 
-MODEL_CLASSES = {"qwen2_5_vl": Qwen2_5_VL, "qwen3_vl": Qwen3_VL}
-
 
 def model_class(config: ModelConfig):
-  return MODEL_CLASSES[config.family]
+  """The model class of `config.family` (`families.Family.model_class`)."""
+  return families.get(config.family).model_class
 
 
 # ---------------------------------------------------------------------------
 # The name mapping.
 # ---------------------------------------------------------------------------
 
-# Stacked modules: their parameters carry a leading layer axis; HF stores
-# one tensor per layer, numbered after this path component.
-STACKED = {
-    ("language_model", "layers"),
-    ("visual", "blocks"),
-    ("visual", "deepstack_merger_list"),
-}
 
-# Our top-level module -> its HF prefix, per family (the published layout).
-ROOTS = {
-    "qwen2_5_vl": {
-        "visual": "visual",
-        "language_model": "model",
-        "lm_head": "lm_head",
-    },
-    "qwen3_vl": {
-        "visual": "model.visual",
-        "language_model": "model.language_model",
-        "lm_head": "lm_head",
-    },
-}
+@dataclasses.dataclass(frozen=True)
+class TensorLayout:
+  """How one kind of parameter differs from its HF tensor.
+
+  to_hf(x, config): one layer's array of ours -> the HF tensor;
+  from_hf(x): the HF tensor -> one layer's array of ours;
+  hf_shape(shape, config): one layer's shape of ours -> the HF shape.
+  """
+
+  to_hf: Callable[[np.ndarray, ModelConfig], np.ndarray]
+  from_hf: Callable[[np.ndarray], np.ndarray]
+  hf_shape: Callable[[tuple[int, ...], ModelConfig], tuple[int, ...]]
+
+
+def _patch_shape(config: ModelConfig) -> tuple[int, ...]:
+  v = config.vision
+  return (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size,
+          v.patch_size)  # fmt: skip
+
+
+# The patch Conv3d (stride = kernel) is a linear map of the flattened patch.
+PATCH_EMBED = TensorLayout(
+    to_hf=lambda x, config: x.T.reshape(_patch_shape(config)),
+    from_hf=lambda x: x.reshape(x.shape[0], -1).T,
+    hf_shape=lambda shape, config: _patch_shape(config),
+)
+# HF `Linear` weights are [out, in], ours [in, out].
+KERNEL = TensorLayout(
+    to_hf=lambda x, config: x.T,
+    from_hf=lambda x: x.T,
+    hf_shape=lambda shape, config: tuple(reversed(shape)),
+)
+SAME = TensorLayout(
+    to_hf=lambda x, config: x,
+    from_hf=lambda x: x,
+    hf_shape=lambda shape, config: tuple(shape),
+)
+
+
+def tensor_layout(path: Path, family: str = "qwen2_5_vl") -> TensorLayout:
+  """The family's layout of the parameter at `path`, else the generic one."""
+  own = families.get(family).layout
+  found = own(path) if own else None
+  if found is not None:
+    return found
+  if tuple(str(p) for p in path[-2:]) == ("patch_embed", "kernel"):
+    return PATCH_EMBED
+  return KERNEL if str(path[-1]) == "kernel" else SAME
 
 
 def stacked_axis(path: Path) -> int | None:
   """Where the layer number goes in the HF name, or None (not stacked)."""
   parts = tuple(str(p) for p in path)
+  stacked = families.stacked_paths()
   for i in range(len(parts) - 1):
-    if parts[i : i + 2] in STACKED:
+    if parts[i : i + 2] in stacked:
       return i + 2
   return None
 
@@ -112,7 +142,7 @@ def hf_name(
     if layer is None:
       raise ValueError(f"{'/'.join(parts)} is stacked: name a layer")
     parts.insert(at, str(layer))
-  parts[0] = ROOTS[family][parts[0]]
+  parts[0] = families.get(family).roots[parts[0]]
   if parts[-2] == "patch_embed":
     parts[-1] = "proj." + ("bias" if parts[-1] == "bias" else "weight")
   elif parts[-1] in ("kernel", "embedding"):
@@ -136,55 +166,27 @@ def normalize_hf_name(name: str, family: str = "qwen2_5_vl") -> str:
     if name.startswith(prefix):
       rest = name[len(prefix) :]
       module = "visual" if "visual" in prefix else "language_model"
-      return f"{ROOTS[family][module]}.{rest}"
+      return f"{families.get(family).roots[module]}.{rest}"
   return name
-
-
-def _is_patch_embed(path: Path) -> bool:
-  return tuple(str(p) for p in path[-2:]) == ("patch_embed", "kernel")
 
 
 def to_hf_layout(path: Path, x: np.ndarray, config: ModelConfig) -> np.ndarray:
   """One layer's array of ours -> the HF tensor."""
-  if _is_patch_embed(path):
-    v = config.vision
-    return x.T.reshape(
-        v.hidden_size,
-        v.in_channels,
-        v.temporal_patch_size,
-        v.patch_size,
-        v.patch_size,
-    )
-  if str(path[-1]) == "kernel":
-    return x.T
-  return x
+  return tensor_layout(path, config.family).to_hf(x, config)
 
 
-def from_hf_layout(path: Path, x: np.ndarray) -> np.ndarray:
+def from_hf_layout(
+    path: Path, x: np.ndarray, family: str = "qwen2_5_vl"
+) -> np.ndarray:
   """The HF tensor -> one layer's array of ours."""
-  if _is_patch_embed(path):
-    return x.reshape(x.shape[0], -1).T
-  if str(path[-1]) == "kernel":
-    return x.T
-  return x
+  return tensor_layout(path, family).from_hf(x)
 
 
 def hf_shape(path: Path, shape: tuple[int, ...], config) -> tuple[int, ...]:
   """The HF tensor shape of one layer of a parameter of `shape`."""
   if stacked_axis(path) is not None:
     shape = shape[1:]
-  if _is_patch_embed(path):
-    v = config.vision
-    return (
-        v.hidden_size,
-        v.in_channels,
-        v.temporal_patch_size,
-        v.patch_size,
-        v.patch_size,
-    )
-  if str(path[-1]) == "kernel":
-    return tuple(reversed(shape))
-  return tuple(shape)
+  return tensor_layout(path, config.family).hf_shape(tuple(shape), config)
 
 
 # ---------------------------------------------------------------------------
@@ -354,12 +356,14 @@ def _load_param(
   def read(index) -> np.ndarray:
     # Private copies: nothing may keep a view of the memory-mapped file.
     if not stacked:
-      return np.array(from_hf_layout(path, tensors.get(names[0]))[index],
+      return np.array(from_hf_layout(path, tensors.get(names[0]), family)[index],
                       dtype)  # fmt: skip
     layers = range(*index[0].indices(len(names)))
     rest = tuple(index[1:])
     return np.stack([
-        np.array(from_hf_layout(path, tensors.get(names[i]))[rest], dtype)
+        np.array(
+            from_hf_layout(path, tensors.get(names[i]), family)[rest], dtype
+        )
         for i in layers
     ])
 
@@ -450,12 +454,20 @@ def save_pretrained(
       )
   elif os.path.exists(index):
     os.remove(index)
-  hf_config = config.to_hf()
+  hf_config = hf_config_of(config)
   hf_config.dtype = str(np.dtype(dtype or model.param_dtype).name)
   hf_config.to_json_file(os.path.join(out_dir, "config.json"))
   if copy_files_from:
     copy_aux_files(copy_files_from, out_dir)
   return names
+
+
+def hf_config_of(config: ModelConfig):
+  """`config.to_hf()` naming the family's model class under
+  `architectures`, as transformers writes it (vLLM picks the model by it)."""
+  hf_config = config.to_hf()
+  hf_config.architectures = [families.get(config.family).hf_architecture]
+  return hf_config
 
 
 def copy_aux_files(src: str, dst: str) -> None:
@@ -480,7 +492,7 @@ def save_orbax(model: nnx.Module, out_dir: str, hf_dir: str | None = None):
   state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(out_dir, "params"), state, force=True)
-  model.config.to_hf().to_json_file(os.path.join(out_dir, "config.json"))
+  hf_config_of(model.config).to_json_file(os.path.join(out_dir, "config.json"))
   if hf_dir:
     copy_aux_files(hf_dir, out_dir)
 

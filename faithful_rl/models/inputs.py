@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from faithful_rl.models.config import ModelConfig
-from faithful_rl.models.config import VisionConfig
+from faithful_rl.models.config import VisionGeometry
 
 
 @jax.tree_util.register_dataclass
@@ -74,7 +74,7 @@ def image_token_count(grid_thw, spatial_merge_size: int) -> int:
   return t * h * w // (spatial_merge_size**2)
 
 
-def window_tokens(vcfg: VisionConfig) -> int:
+def window_tokens(vcfg: VisionGeometry) -> int:
   """Merged tokens on a side of one attention window."""
   ws = vcfg.window_size // vcfg.spatial_merge_size // vcfg.patch_size
   if ws <= 0:
@@ -85,7 +85,7 @@ def window_tokens(vcfg: VisionConfig) -> int:
   return ws
 
 
-def frame_windows(gh: int, gw: int, vcfg: VisionConfig) -> list[np.ndarray]:
+def frame_windows(gh: int, gw: int, vcfg: VisionGeometry) -> list[np.ndarray]:
   """Merged-token ids (row-major in the frame) of each attention window.
 
   As `transformers`' `get_vision_window_index`: windows of `ws` x `ws`
@@ -103,7 +103,7 @@ def frame_windows(gh: int, gw: int, vcfg: VisionConfig) -> list[np.ndarray]:
   ]
 
 
-def layout_patches(grids, vcfg: VisionConfig) -> int:
+def layout_patches(grids, vcfg: VisionGeometry) -> int:
   """Slots the layout of these images needs (a patch bucket must hold it)."""
   m = vcfg.spatial_merge_size
   total = 0
@@ -132,7 +132,9 @@ def rotary_positions(grids, spatial_merge_size: int) -> np.ndarray:
 
 
 def example_vision_layout(
-    grids: Sequence[tuple[int, int, int]], num_patches: int, vcfg: VisionConfig
+    grids: Sequence[tuple[int, int, int]],
+    num_patches: int,
+    vcfg: VisionGeometry,
 ) -> dict[str, np.ndarray]:
   """Layout arrays (see `VisionInputs`) for one example's images."""
   unit, m = vcfg.merge_unit, vcfg.spatial_merge_size
@@ -195,7 +197,7 @@ def vision_inputs(
     pixel_values: Sequence[np.ndarray],
     grids: Sequence[Sequence[tuple[int, int, int]]],
     num_patches: int,
-    vcfg: VisionConfig,
+    vcfg: VisionGeometry,
 ) -> VisionInputs:
   """Pads per-example patch arrays into a fixed-shape `VisionInputs`.
 
@@ -346,7 +348,7 @@ def text_positions(attention_mask: np.ndarray) -> np.ndarray:
   return np.broadcast_to(pos[None], (3,) + pos.shape).astype(np.int32)
 
 
-def bucket_patches(grids_per_example, vcfg: VisionConfig, multiple: int = 64):
+def bucket_patches(grids_per_example, vcfg: VisionGeometry, multiple: int = 64):
   """Smallest patch bucket (a multiple of `multiple` and of the attention
   window) whose layout fits every example."""
   need = max([layout_patches(g, vcfg) for g in grids_per_example] + [0])

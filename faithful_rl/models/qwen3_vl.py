@@ -17,11 +17,16 @@ M-RoPE) and this module's vision tower:
   their features are added to the visual positions after the first decoder
   layers (`vlm.VisionLanguageModel.decode`).
 
+The module registers the family (`families.register`): its configs, the
+model class, how its `config.json` reads and writes, its HF names.
+
 Axis alphabet: B batch, P patch slots, D width, V merged visual tokens,
 N DeepStack levels.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -29,12 +34,59 @@ import numpy as np
 from flax import nnx
 
 from faithful_rl.models import layers
-from faithful_rl.models.config import Qwen3VisionConfig
+from faithful_rl.models import config as config_lib
+from faithful_rl.models import families
+from faithful_rl.models.config import VisionGeometry
 from faithful_rl.models.inputs import VisionInputs
 from faithful_rl.models.vision import StackedVisionTower
 from faithful_rl.models.vision import VisionAttention
 from faithful_rl.models.vision import vision_cos_sin
 from faithful_rl.models.vlm import VisionLanguageModel
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3VisionConfig(VisionGeometry):
+  """Qwen3-VL vision tower: 16-px patches with a learned position table,
+  LayerNorm blocks with full attention, a 2x2 merger and DeepStack mergers
+  whose outputs feed the first decoder layers."""
+
+  depth: int = 27
+  hidden_size: int = 1152
+  intermediate_size: int = 4304
+  num_heads: int = 16
+  in_channels: int = 3
+  patch_size: int = 16
+  spatial_merge_size: int = 2
+  temporal_patch_size: int = 2
+  out_hidden_size: int = 4096
+  num_position_embeddings: int = 2304
+  deepstack_visual_indexes: tuple[int, ...] = (8, 16, 24)
+  hidden_act: str = "gelu_pytorch_tanh"
+  rope_theta: float = 10000.0
+
+  has_windows = False  # every block attends over its whole frame
+
+  def __post_init__(self):
+    side = int(round(self.num_position_embeddings**0.5))
+    if side * side != self.num_position_embeddings:
+      raise ValueError(
+          f"vision num_position_embeddings={self.num_position_embeddings} is"
+          " not a square (the position table is side x side)"
+      )
+    bad = [i for i in self.deepstack_visual_indexes if not 0 <= i < self.depth]
+    if bad:
+      raise ValueError(
+          f"vision deepstack_visual_indexes {bad} outside [0, {self.depth})"
+      )
+
+  @property
+  def position_side(self) -> int:
+    """Side of the learned position table (48 for the published sizes)."""
+    return int(round(self.num_position_embeddings**0.5))
+
+  @property
+  def slot_multiple(self) -> int:
+    return self.merge_unit
 
 
 def position_taps(
@@ -217,3 +269,65 @@ class Qwen3_VL(VisionLanguageModel):  # pylint: disable=invalid-name
   def vision_features(self, vision: VisionInputs):
     """(visual tokens [B, V, D], DeepStack features [N, B, V, D] or None)."""
     return self.visual(vision)
+
+
+# ---------------------------------------------------------------------------
+# config.json.
+# ---------------------------------------------------------------------------
+
+# The decoder switches Qwen3-VL's config implies; its one `attention_bias`
+# sets qkv_bias and o_bias together.
+QWEN3_TEXT = dict(
+    qkv_bias=False, o_bias=False, qk_norm=True, mrope_interleaved=True
+)
+
+
+def _from_hf(hf_config) -> config_lib.ModelConfig:
+  t = hf_config.text_config
+  bias = bool(t.attention_bias)
+  return config_lib.ModelConfig(
+      family="qwen3_vl",
+      text=config_lib.text_from_hf(
+          t,
+          tie_word_embeddings=bool(hf_config.tie_word_embeddings),
+          head_dim=int(t.head_dim),
+          **dict(QWEN3_TEXT, qkv_bias=bias, o_bias=bias),
+      ),
+      vision=config_lib.vision_from_hf(
+          Qwen3VisionConfig, hf_config.vision_config
+      ),
+      **config_lib.token_ids_from_hf(hf_config),
+  )
+
+
+def _to_hf(config: config_lib.ModelConfig):
+  from transformers import Qwen3VLConfig  # pylint: disable=g-import-not-at-top
+
+  t = config.text
+  config_lib.check_switches(
+      config, dict(qk_norm=True, mrope_interleaved=True, qkv_bias=t.o_bias)
+  )
+  kwargs = config_lib.hf_kwargs(config)
+  del kwargs["ids"]  # Qwen3-VL's token ids live in its text config only
+  kwargs["text_config"].update(head_dim=t.head_dim, attention_bias=t.qkv_bias)
+  kwargs["text_config"]["rope_parameters"]["mrope_interleaved"] = True
+  return Qwen3VLConfig(**kwargs)
+
+
+FAMILY = families.register(
+    families.Family(
+        name="qwen3_vl",
+        vision_config=Qwen3VisionConfig,
+        model_class=Qwen3_VL,
+        from_hf=_from_hf,
+        to_hf=_to_hf,
+        roots={"visual": "model.visual",
+               "language_model": "model.language_model",
+               "lm_head": "lm_head"},  # fmt: skip
+        hf_architecture="Qwen3VLForConditionalGeneration",
+        hf_processor="Qwen3VLProcessor",
+        # No windows: an image's 1,280 tokens are 5,120 patches.
+        patch_buckets=(1024, 2048, 4096, 5120),
+        stacked=(("visual", "deepstack_merger_list"),),
+    )
+)

@@ -1,17 +1,17 @@
-"""The Qwen2.5-VL vision tower in Flax NNX.
+"""What the Qwen-VL vision towers share, in Flax NNX.
 
-A ViT over 14-px patches (a Conv3d with stride = kernel, i.e. a linear map
-of each flattened patch), 2-D rotary embeddings, window attention in most
-blocks and full (per-image) attention in `fullatt_block_indexes`, then a
-merger that concatenates each 2x2 group of patches into one visual token.
+Axial 2-D rotary tables (`vision_cos_sin`), attention among the slots of
+one segment, optionally within fixed windows (`segment_attention`), the
+fused-qkv attention block (`VisionAttention`) and the stacked tower
+(`StackedVisionTower`: patch embedding, the blocks as one stacked module,
+running a range of them). Each family's tower is in its own module
+(`qwen2_5_vl.VisionTower`, `qwen3_vl.VisionTower`).
 
-The patches run in the window-padded layout of `inputs.VisionInputs`:
-every attention window occupies exactly `window_patches` consecutive slots
+Patches run in the layout of `inputs.VisionInputs`: with windows, every
+attention window occupies exactly `window_patches` consecutive slots
 (padding slots at the end of edge windows), so window attention is an
 exact block-diagonal product of [windows, c, c], costing what the windows
-cost, and full attention is segment-masked over the whole buffer. The
-blocks are one stacked module run as scans over the runs of consecutive
-blocks of the same kind (window, full).
+cost, and full attention is segment-masked over the whole buffer.
 
 Axis alphabet: B batch, P patch slots, W windows, c slots per window,
 H heads, d head dim, D width, V merged visual tokens.
@@ -19,15 +19,13 @@ H heads, d head dim, D width, V merged visual tokens.
 
 from __future__ import annotations
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from faithful_rl.models import attention as attention_lib
 from faithful_rl.models import layers
-from faithful_rl.models.config import VisionConfig
+from faithful_rl.models.config import VisionGeometry
 from faithful_rl.models.inputs import VisionInputs
 
 
@@ -76,7 +74,7 @@ def segment_attention(q, k, v, seg, *, scale, window=None, impl="auto"):
 
 class VisionAttention(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
+  def __init__(self, cfg: VisionGeometry, *, dtype, param_dtype, rngs):
     dim = cfg.hidden_size
     self.num_heads = cfg.num_heads
     self.head_dim = cfg.head_dim
@@ -95,46 +93,6 @@ class VisionAttention(nnx.Module):
         q, k, v, seg, scale=self.head_dim**-0.5, window=window, impl=impl
     )
     return self.proj(out.reshape(b, p, -1))
-
-
-class VisionBlock(nnx.Module):
-
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype)
-    self.norm1 = layers.RMSNorm(cfg.hidden_size, eps=1e-6, **kw)
-    self.norm2 = layers.RMSNorm(cfg.hidden_size, eps=1e-6, **kw)
-    self.attn = VisionAttention(cfg, rngs=rngs, **kw)
-    self.mlp = layers.GatedMLP(
-        cfg.hidden_size,
-        cfg.intermediate_size,
-        act=cfg.hidden_act,
-        bias=True,
-        rngs=rngs,
-        **kw,
-    )
-
-  def __call__(self, x, cos, sin, seg, window, impl):
-    x = x + self.attn(self.norm1(x), cos, sin, seg, window, impl)
-    return x + self.mlp(self.norm2(x))
-
-
-class PatchMerger(nnx.Module):
-  """RMSNorm, then each 2x2 patch group concatenated through a 2-layer MLP."""
-
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs):
-    ctx = cfg.hidden_size * cfg.merge_unit
-    kw = dict(dtype=dtype, param_dtype=param_dtype)
-    self.ln_q = layers.RMSNorm(cfg.hidden_size, eps=1e-6, **kw)
-    self.mlp_0 = layers.linear(ctx, ctx, bias=True, rngs=rngs, **kw)
-    self.mlp_2 = layers.linear(
-        ctx, cfg.out_hidden_size, bias=True, rngs=rngs, **kw
-    )
-    self.unit = cfg.merge_unit
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    b, p, dim = x.shape
-    x = self.ln_q(x).reshape(b, p // self.unit, self.unit * dim)
-    return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
 
 
 class StackedVisionTower(nnx.Module):
@@ -205,45 +163,3 @@ class StackedVisionTower(nnx.Module):
         scan=self.scan_layers,
     )
     return x
-
-
-class VisionTower(StackedVisionTower):
-  """Patches -> merged visual tokens: float[B, P, patch_dim] -> [B, V, D]."""
-
-  block = VisionBlock
-  patch_bias = False
-
-  def build_mergers(self, cfg, *, dtype, param_dtype, rngs):
-    self.merger = PatchMerger(
-        cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-    )
-
-  def block_runs(self) -> list[tuple[int, int, bool]]:
-    """[(start, stop, full attention)] runs of blocks of one kind."""
-    full = [i in self.cfg.fullatt_block_indexes for i in range(self.cfg.depth)]
-    runs, start = [], 0
-    for kind, group in itertools.groupby(full):
-      n = len(list(group))
-      runs.append((start, start + n, kind))
-      start += n
-    return runs
-
-  def __call__(self, vis: VisionInputs) -> jax.Array:
-    cfg = self.cfg
-    x = self.embed_patches(vis)
-    cos, sin = vision_cos_sin(vis.rot_pos, cfg.head_dim, cfg.rope_theta)
-    seg = vis.patch_seg
-    in_window = jnp.where(seg >= 0, 0, -1)  # one window: real vs padding
-
-    for start, stop, full in self.block_runs():
-      window = None if full else cfg.window_patches
-      block_seg = seg if full else in_window
-
-      def run(block, x, i, xs, window=window, block_seg=block_seg):
-        del i, xs
-        x = layers.shard_batch(x)
-        return block(x, cos, sin, block_seg, window, self.attention), None
-
-      x = self.run_blocks(run, x, start, stop)
-    merged = self.merger(x)
-    return jnp.take_along_axis(merged, vis.merge_restore[..., None], axis=1)
