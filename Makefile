@@ -15,7 +15,7 @@ $(VENV)/.test: $(VENV)/.base
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: demo test lint
+.PHONY: demo test test-fast lint
 demo: $(VENV)/.base
 	$(PY) -m faithful_rl.train --config=configs/demo.py --workdir=$(WORKDIR)
 
@@ -24,3 +24,8 @@ lint: $(VENV)/.test
 
 test: $(VENV)/.test lint
 	$(PY) -m pytest -q -x --numprocesses=auto --maxprocesses=4 --dist=loadfile tests
+
+# The suite without the tests marked slow, for the edit-test loop; CI runs
+# `make test`.
+test-fast: $(VENV)/.test lint
+	$(PY) -m pytest -q -x --numprocesses=auto --maxprocesses=4 --dist=loadfile -m "not slow" tests

@@ -305,6 +305,7 @@ def bench_update(args, config, model_config, graphdef, params):
   from faithful_rl import optim  # pylint: disable=g-import-not-at-top
   from faithful_rl import steps  # pylint: disable=g-import-not-at-top
   from faithful_rl import train  # pylint: disable=g-import-not-at-top
+  from faithful_rl.rl import loss as rl_loss  # pylint: disable=g-import-not-at-top
 
   (tp, vis, patches, r), batch, cfg = update_batch(args, config, model_config)
   rc = config.rl
@@ -312,7 +313,7 @@ def bench_update(args, config, model_config, graphdef, params):
   own = jax.tree.map(jnp.copy, params)  # the update donates its state
   state = steps.TrainState(own, tx.init(own), jnp.zeros((), jnp.int32))
   update = steps.make_update(
-      steps.RL, tx, graphdef, cfg, frozen=optim.frozen_patterns(rc.optim)
+      rl_loss.RL, tx, graphdef, cfg, frozen=optim.frozen_patterns(rc.optim)
   )
   micro = jax.tree.map(lambda x: x[None], batch)  # one micro-batch
   rng = jax.random.key(0)
@@ -420,6 +421,7 @@ def bench_numerics(args, config, model_config, graphdef, params):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
+  from faithful_rl import forward  # pylint: disable=g-import-not-at-top
   from faithful_rl import rollout  # pylint: disable=g-import-not-at-top
 
   tp, vis, patches, _ = shapes(args, config, model_config)
@@ -440,7 +442,7 @@ def bench_numerics(args, config, model_config, graphdef, params):
 
     @jax.jit
     def fn(state, batch, toks, mask):
-      return rollout.score(
+      return forward.score(
           nnx.merge(gdef, state), batch, toks, mask, num_samples=g
       )[0]
 

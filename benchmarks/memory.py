@@ -224,6 +224,7 @@ def update_program(arch, config, mesh, report):
   from faithful_rl import optim  # pylint: disable=g-import-not-at-top
   from faithful_rl import steps  # pylint: disable=g-import-not-at-top
   from faithful_rl import train  # pylint: disable=g-import-not-at-top
+  from faithful_rl.rl import loss as rl_loss  # pylint: disable=g-import-not-at-top
 
   model_config = train.model_config_for(config)
   graphdef, params = abstract_params(model_config, config, mesh)
@@ -238,7 +239,7 @@ def update_program(arch, config, mesh, report):
       graphdef, params, tx, mesh
   )
   update = steps.make_update(
-      steps.RL,
+      rl_loss.RL,
       tx,
       graphdef,
       steps.RLConfig.from_config(rc),

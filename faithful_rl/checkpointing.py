@@ -154,6 +154,34 @@ class Checkpoints:
     self.manager.close()
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of `workdir`'s complete checkpoints, in increasing order."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  options = ocp.CheckpointManagerOptions(create=False)
+  with ocp.CheckpointManager(directory, options=options) as manager:
+    return sorted(int(s) for s in manager.all_steps())
+
+
+def resolve_step(workdir: str, step: int | None = None) -> int:
+  """`step` (default: the latest) if `workdir` holds its checkpoint.
+
+  Raises FileNotFoundError naming the workdir and the saved steps.
+  """
+  saved = saved_steps(workdir)
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not saved:
+    raise FileNotFoundError(f"{directory}: no checkpoint")
+  if step is None:
+    return saved[-1]
+  if int(step) not in saved:
+    raise FileNotFoundError(
+        f"{directory}: no checkpoint of step {step}; saved steps: {saved}"
+    )
+  return int(step)
+
+
 def load_params(workdir: str, target, step: int | None = None):
   """Parameters of another run's checkpoint, placed and cast as `target`.
 
@@ -161,10 +189,8 @@ def load_params(workdir: str, target, step: int | None = None):
   start a run from another one (e.g. RL from an SFT run).
   """
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  step = resolve_step(workdir, step)
   with ocp.CheckpointManager(directory) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"{directory}: no checkpoint to start from")
     restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
     )

@@ -5,7 +5,9 @@
   # each: question, response, answer, correct, attention float[h, w]
   # (the response's visual attention on the merged-token grid), image,
   # boxes, grid
-  inference.export_hf("workdirs/demo", "/tmp/demo_hf")  # HF folder
+
+`python -m faithful_rl.export --workdir=W --out=DIR` writes a run as a HF
+folder (`faithful_rl.export`).
 
 The attention is read by the probe at EASE's layer floor(2L/3) (or the
 given layers), averaged over heads, over up to 64 response tokens, and
@@ -25,11 +27,10 @@ import numpy as np
 from flax import nnx
 
 from faithful_rl import checkpointing
-from faithful_rl import losses
+from faithful_rl import forward
 from faithful_rl import models
 from faithful_rl import rewards as rewards_lib
 from faithful_rl import rollout
-from faithful_rl import steps
 from faithful_rl.data import batching
 from faithful_rl.data import processing
 
@@ -39,16 +40,15 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def load_run(workdir: str, step: int | None = None):
-  """(model, processor, config) of a training run's checkpoint."""
-  from faithful_rl import train  # pylint: disable=g-import-not-at-top
+def load_model(workdir: str, step: int | None = None, config=None):
+  """The model of a training run's checkpoint at `step` (default: the
+  latest), its parameters in the run's parameter dtype."""
+  from faithful_rl import run_setup  # pylint: disable=g-import-not-at-top
 
-  config = load_config(workdir)
-  processor = train.make_processor(config)
-  model_config = train.model_config_for(config, processor)
-  processor = train.make_processor(config, model_config)
+  config = config or load_config(workdir)
+  model_config = run_setup.model_config_for(config)
   dtype = jnp.dtype(config.model.dtype)
-  options = train.model_options(config)
+  options = run_setup.model_options(config)
   graphdef, abstract = nnx.split(
       nnx.eval_shape(
           lambda: models.create(model_config, dtype=dtype, **options)
@@ -57,7 +57,17 @@ def load_run(workdir: str, step: int | None = None):
   params = checkpointing.load_params(
       workdir, nnx.to_pure_dict(abstract), step=step
   )
-  return nnx.merge(graphdef, params), processor, config
+  return nnx.merge(graphdef, params)
+
+
+def load_run(workdir: str, step: int | None = None):
+  """(model, processor, config) of a training run's checkpoint."""
+  from faithful_rl import run_setup  # pylint: disable=g-import-not-at-top
+
+  config = load_config(workdir)
+  model = load_model(workdir, step, config)
+  processor = run_setup.make_processor(config, model.config)
+  return model, processor, config
 
 
 def load_hf(hf_dir: str, dtype=jnp.float32, **processor_options):
@@ -67,15 +77,6 @@ def load_hf(hf_dir: str, dtype=jnp.float32, **processor_options):
       hf_dir, model_config=model.config, **processor_options
   )
   return model, processor
-
-
-def export_hf(workdir: str, out_dir: str, step: int | None = None) -> str:
-  """Writes a run's checkpoint as a HF folder (weights, config, tokenizer)."""
-  model, processor, _ = load_run(workdir, step)
-  models.save_pretrained(model, out_dir)
-  processor.tokenizer.save_pretrained(out_dir)
-  processor.image_processor.save_pretrained(out_dir)
-  return out_dir
 
 
 def answer(
@@ -115,23 +116,17 @@ def answer(
       pad_token=processor.ids.pad,
   )
   ro = rollout.sample(model, prompt, jax.random.key(0), sampling)
-  probe, qvalid, kvalid = steps.response_probe(
+  attn, _, _ = forward.response_attention(
       model,
-      {**prompt, "ease_target": a["ease_target"]},
+      prompt,
+      ro.tokens,
       ro.mask,
       jax.random.key(0),
-      1,
-      min(64, max_new_tokens),
-      probe_layers,
+      num_visual=a["ease_target"].shape[1],
+      num_queries=min(64, max_new_tokens),
+      layers=probe_layers,
   )
-  _, _, out = rollout.score(
-      model, prompt, ro.tokens, ro.mask, num_samples=1, probe=probe
-  )
-  attn = np.asarray(
-      losses.trajectory_attention(
-          attention=out.visual_attention, valid=kvalid, query_mask=qvalid
-      )
-  )
+  attn = np.asarray(attn)
   n = len(records)
   texts = processor.decode_responses(
       np.asarray(ro.tokens)[:n], np.asarray(ro.mask)[:n]

@@ -1,4 +1,4 @@
-"""Rollout: jitted KV-cache sampling for Qwen-VL, and teacher-forced scoring.
+"""Rollout: jitted KV-cache sampling for Qwen-VL.
 
 `sample(model, batch, rng, config)` runs one compiled program per bucket:
 vision encoding and prompt prefill once per prompt, the KV cache repeated
@@ -9,9 +9,9 @@ The returned log-probabilities are those of the training forward by
 construction: both use this package's one model, the same M-RoPE positions
 (a decoded token's position is the prompt's max position + 1 + step, i.e.
 HF's rope delta), and the same float32 log-softmax of logits / temperature.
-`score` recomputes them teacher-forced, over any image (the counterfactual
-branch of Faithful-MR1 and VPPO reuses the sampled tokens under another
-image without sampling again).
+`forward.score` recomputes them teacher-forced, over any image (the
+counterfactual branch of Faithful-MR1 and VPPO reuses the sampled tokens
+under another image without sampling again).
 
 Batch layout (from `faithful_rl.data.batching`; B prompts):
   prompt_ids int32[B, Tp] (left-padded), prompt_mask [B, Tp],
@@ -28,11 +28,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from faithful_rl import losses
 from faithful_rl import sharding
 from faithful_rl.sampling import SamplingConfig
-from faithful_rl.sampling import select_tokens
-from faithful_rl.models.qwen2_5_vl import AttentionProbe
+from faithful_rl.sampling import next_tokens
 from faithful_rl.models.qwen2_5_vl import KVCache
 
 
@@ -61,7 +59,7 @@ class Rollout:
 # ---------------------------------------------------------------------------
 
 
-def _repeat(x, g):
+def repeat(x, g):
   return jax.tree.map(lambda a: jnp.repeat(a, g, axis=0), x)
 
 
@@ -81,7 +79,7 @@ def _head_logits(model, hidden: jax.Array) -> jax.Array:
   )
 
 
-def _prefill(model, batch: dict, vision, free: int = 0):
+def prefill(model, batch: dict, vision, free: int = 0):
   """The prompts into a cache of their slots plus `free` empty ones.
 
   Returns the prompt forward's output (its cache holds the prompts' keys
@@ -112,35 +110,49 @@ def _prefill(model, batch: dict, vision, free: int = 0):
   return out, kv_mask, pos.max(axis=(0, 2)) + 1
 
 
+def decoding_model(model, config: SamplingConfig):
+  """The model as the decoding loops run it (traced inside their programs).
+
+  The decoder layers unstacked, once, outside the decoding loop: each step
+  then reads each layer's weights, and writes and reads its own cache,
+  where they lie (a scan over the stack slices, i.e. copies, both per layer
+  and step). Weights left FSDP-sharded stay a scan: it gathers one layer's
+  weights at a time, where an unrolled step could hold every layer's
+  gathered weights at once. One cast of the float32 masters to the compute
+  dtype, also outside the loop (bitwise the same forward; see
+  `in_compute_dtype`); with `config.gather_weights`, gathered once.
+  """
+  if config.gather_weights or not sharding.fsdp_sharded():
+    model = model.with_layers_unstacked()
+  model = model.in_compute_dtype()
+  if config.gather_weights:
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, sharding.gather_fsdp(state))
+  return model
+
+
 def _sample_program(
-    model, batch: dict, rng: jax.Array, config: SamplingConfig, row_ids=None
+    model,
+    batch: dict,
+    rng: jax.Array,
+    config: SamplingConfig,
+    row_ids=None,
+    forced_lengths=None,
 ):
   """The whole rollout for one batch (traced once per bucket).
 
   Row n draws its token at step t with the key fold_in(fold_in(rng,
   row_ids[n]), t): its tokens depend on its prompt, its id and `rng` only,
   not on the other rows of the call, so any split of the rows into calls
-  samples the same responses.
+  samples the same responses (and `faithful_rl.refill` the same too).
+  `forced_lengths`: see `sampling.next_tokens`.
 
   With G > 1 samples per prompt, the prompts' keys and values are the
   samples' shared prefix: each decoding step reads a prompt's cache once
   for its G rows, and each row keeps only its own R response slots. With
   G = 1 (evaluation) every row decodes into its prompt's cache.
   """
-  # The decoder layers unstacked, once, outside the decoding loop: each
-  # step then reads each layer's weights, and writes and reads its own
-  # cache, where they lie (a scan over the stack slices, i.e. copies, both
-  # per layer and step). Weights left FSDP-sharded stay a scan: it gathers
-  # one layer's weights at a time, where an unrolled step could hold every
-  # layer's gathered weights at once.
-  if config.gather_weights or not sharding.fsdp_sharded():
-    model = model.with_layers_unstacked()
-  # One cast of the float32 masters to the compute dtype, also outside the
-  # loop (bitwise the same forward; see `in_compute_dtype`).
-  model = model.in_compute_dtype()
-  if config.gather_weights:
-    graphdef, state = nnx.split(model)
-    model = nnx.merge(graphdef, sharding.gather_fsdp(state))
+  model = decoding_model(model, config)
   b, tp = batch["prompt_ids"].shape
   g, r = config.num_samples, config.max_new_tokens
   if row_ids is None:
@@ -148,10 +160,10 @@ def _sample_program(
   row_keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids)
   n = b * g
   if g == 1:
-    out, kv_mask, next_pos = _prefill(model, batch, batch.get("vision"), r)
+    out, kv_mask, next_pos = prefill(model, batch, batch.get("vision"), r)
     cache, offset, shared = out.cache, tp, {}
   else:
-    out, _, next_pos = _prefill(model, batch, batch.get("vision"))
+    out, _, next_pos = prefill(model, batch, batch.get("vision"))
     shared = dict(prefix_cache=out.cache, prefix_mask=batch["prompt_mask"])
     cache = KVCache.zeros(
         model.config.text,
@@ -162,15 +174,14 @@ def _sample_program(
     )
     kv_mask, offset = jnp.zeros((n, r), jnp.bool_), 0
   last = _head_logits(model, out.hidden[:, -1])  # left-padded: last is real
-  last, next_pos = _repeat((last, next_pos), g)
+  last, next_pos = repeat((last, next_pos), g)
   stop = jnp.asarray(config.stop_tokens or (-1,), jnp.int32)
 
   def choose(step, logits, picked):
     """Each row's token at `step` from its logits, written into `picked`
     (tokens, log-probs, mask, done); rows already done get padding."""
     tokens, logprobs, mask, done = picked
-    keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
-    tok, lp = select_tokens(keys, logits, config)
+    tok, lp = next_tokens(row_keys, step, logits, config, forced_lengths)
     tok = jnp.where(done, config.pad_token, tok)
     lp = jnp.where(done, 0.0, lp)
     return tok, (
@@ -229,145 +240,6 @@ def _sample_program(
 
 
 # ---------------------------------------------------------------------------
-# Teacher-forced scoring (the training forward).
-# ---------------------------------------------------------------------------
-
-
-def response_inputs(
-    batch: dict, tokens: jax.Array, mask: jax.Array, g: int, image_token_id: int
-):
-  """Prompt (repeated G times) + response as one sequence.
-
-  Returns:
-    dict(input_ids [N, Tp+R], attention_mask, image_mask (the prompt's image
-    tokens only), position_ids [3, N, Tp+R], vision (repeated),
-    response_start = Tp).
-  """
-  ids = jnp.repeat(batch["prompt_ids"], g, axis=0)
-  pmask = jnp.repeat(batch["prompt_mask"], g, axis=0).astype(jnp.bool_)
-  pos = jnp.repeat(batch["position_ids"], g, axis=1)
-  r = tokens.shape[1]
-  next_pos = pos.max(axis=(0, 2)) + 1
-  rpos = next_pos[:, None] + jnp.arange(r, dtype=pos.dtype)[None]
-  is_img = ids == image_token_id
-  return dict(
-      input_ids=jnp.concatenate([ids, tokens.astype(ids.dtype)], 1),
-      image_mask=jnp.concatenate([is_img, jnp.zeros(tokens.shape, bool)], 1),
-      attention_mask=jnp.concatenate([pmask, mask.astype(jnp.bool_)], 1),
-      position_ids=jnp.concatenate(
-          [pos, jnp.broadcast_to(rpos[None], (3,) + rpos.shape)], 2
-      ),
-      vision=None
-      if batch.get("vision") is None
-      else _repeat(batch["vision"], g),
-      response_start=ids.shape[1],
-  )
-
-
-def score(
-    model,
-    batch: dict,
-    tokens: jax.Array,
-    mask: jax.Array,
-    *,
-    num_samples: int,
-    temperature: float = 1.0,
-    vision: Any = "same",
-    probe: AttentionProbe | None = None,
-    chunk: int = 128,
-    shared_prefix: bool | None = None,
-):
-  """Teacher-forced log-probs of responses: the training forward.
-
-  With `shared_prefix` (default when num_samples > 1) the prompt, image
-  included, is encoded once per prompt into a KV cache, which is repeated
-  for its G responses; the responses then run over it. This is the same
-  computation as the full [prompt + response] forward (equal to float
-  rounding, gradients included: they flow into the prompt through the
-  cache) with G times fewer prompt tokens. Otherwise every row runs
-  prompt + response in one sequence.
-
-  Args:
-    model: the policy.
-    batch: the prompt batch the responses were sampled from.
-    tokens: int32[N, R] responses (N = B * num_samples).
-    mask: bool[N, R] real response tokens.
-    num_samples: G.
-    temperature: divides the logits (use the sampling temperature).
-    vision: "same" (the batch's images), None (no images), or another
-      `VisionInputs` for the B prompts (e.g. the counterfactual images).
-    probe: an attention probe whose query positions index the response
-      (0 = first response token) and whose key positions index the prompt
-      + response sequence (e.g. the prompt's visual tokens).
-    chunk: positions per log-softmax chunk (never [N, T, V] at once).
-    shared_prefix: see above; None picks it when num_samples > 1.
-
-  Returns:
-    (logprobs float32[N, R], entropy float32[N, R], model output; in
-    shared-prefix mode the output is the responses' forward).
-  """
-  g = num_samples
-  if shared_prefix is None:
-    shared_prefix = g > 1
-  vis = batch.get("vision") if vision == "same" else vision
-  r = tokens.shape[1]
-  if shared_prefix:
-    hidden, out = _shared_prefix_forward(model, batch, vis, tokens, mask, g,
-                                         probe)  # fmt: skip
-  else:
-    seq = response_inputs(batch, tokens, mask, g, model.config.image_token_id)
-    seq["vision"] = None if vis is None else _repeat(vis, g)
-    start = seq["response_start"]
-    if probe is not None:
-      probe = dataclasses.replace(
-          probe, query_positions=probe.query_positions + start
-      )
-    out = model(
-        seq["input_ids"],
-        attention_mask=seq["attention_mask"],
-        position_ids=seq["position_ids"],
-        image_mask=seq["image_mask"],
-        vision=seq["vision"],
-        attention_probe=probe,
-        return_logits=False,
-    )
-    hidden = out.hidden[:, start - 1 : start - 1 + r]  # predicts tokens
-  logp, ent = losses.chunked_token_logprobs(
-      hidden,
-      model.head_weight(),
-      tokens,
-      chunk=min(chunk, r),
-      temperature=temperature,
-  )
-  return logp, ent, out
-
-
-def _shared_prefix_forward(model, batch, vision, tokens, mask, g, probe):
-  """Prompt once into a cache, the shared prefix of its G responses.
-
-  Returns hidden states [N, R, D] predicting `tokens` and the responses'
-  model output.
-  """
-  b, _ = batch["prompt_ids"].shape
-  r = tokens.shape[1]
-  prompt, _, next_pos = _prefill(model, batch, vision)
-  rpos = next_pos[:, None] + jnp.arange(r, dtype=next_pos.dtype)[None]
-  rpos = jnp.broadcast_to(_repeat(rpos, g)[None], (3, b * g, r))  # [3, N, R]
-  out = model(
-      tokens,
-      attention_mask=mask.astype(jnp.bool_),
-      position_ids=rpos,
-      prefix_cache=prompt.cache,
-      prefix_mask=batch["prompt_mask"],
-      attention_probe=probe,
-      return_logits=False,
-  )
-  last = jnp.repeat(prompt.hidden[:, -1:], g, axis=0)  # predicts token 0
-  hidden = jnp.concatenate([last, out.hidden[:, :-1]], axis=1)
-  return hidden, out
-
-
-# ---------------------------------------------------------------------------
 # The engine: one compiled program per bucket.
 # ---------------------------------------------------------------------------
 
@@ -381,10 +253,17 @@ def _shape_key(tree) -> tuple:
 
 
 class Engine:
-  """Compiles `sample` once per (model, bucket, sampling config).
+  """Compiles the sampler once per (model, bucket, sampling config).
+
+  With `refill` (`faithful_rl.refill.Refill`: slots S and window W) it
+  samples by slot refill (`refill.sample`: S rows decoded at once in
+  windows of W steps, finished slots refilled from the call's queue of
+  rows); otherwise each call is one static program (`_sample_program`).
+  Both give the same responses for the same keys.
 
   Attributes:
-    compilations: how many programs were compiled so far (tests read it).
+    compilations: static programs compiled so far (tests read it).
+    stats: what the last refilled call ran (`refill.Stats`), or None.
   """
 
   def __init__(
@@ -392,11 +271,14 @@ class Engine:
       *,
       prompt_buckets: Sequence[int] | None = None,
       patch_buckets: Sequence[int] | None = None,
+      refill=None,
   ):
     self.prompt_buckets = tuple(sorted(prompt_buckets or ()))
     self.patch_buckets = tuple(sorted(patch_buckets or ()))
+    self.refill = refill
     self._programs: dict[Any, Any] = {}
     self.compilations = 0
+    self.stats = None
 
   def check_bucket(self, batch: dict) -> None:
     tp = batch["prompt_ids"].shape[1]
@@ -420,20 +302,30 @@ class Engine:
       rng: jax.Array,
       config: SamplingConfig,
       row_ids: jax.Array | None = None,
+      forced_lengths: jax.Array | None = None,
   ) -> Rollout:
     """`config.num_samples` responses per prompt of `batch`.
 
     `row_ids` int32[B * G] names each row's random stream (default
     0..B*G-1; see `_sample_program`): equal ids, prompts and `rng` give
-    equal responses in any call.
+    equal responses in any call. `forced_lengths` int32[B * G]: see
+    `sampling.next_tokens` (benchmarks).
     """
     batch = {k: v for k, v in batch.items() if k in _BATCH_KEYS}
     self.check_bucket(batch)
-    graphdef, state = nnx.split(model)
+    n = batch["prompt_ids"].shape[0] * config.num_samples
     if row_ids is None:
-      n = batch["prompt_ids"].shape[0] * config.num_samples
       row_ids = jnp.arange(n, dtype=jnp.int32)
-    args = (state, batch, rng, row_ids)
+    if self.refill is not None:
+      from faithful_rl import refill as refill_lib  # pylint: disable=g-import-not-at-top
+
+      self.stats = refill_lib.Stats()
+      return refill_lib.sample(
+          model, batch, rng, config, self.refill, row_ids=row_ids,
+          forced_lengths=forced_lengths, stats=self.stats,
+      )  # fmt: skip
+    graphdef, state = nnx.split(model)
+    args = (state, batch, rng, row_ids, forced_lengths)
     key = (graphdef, config, _shape_key(args))
     program = self._programs.get(key)
     if program is None:
@@ -442,19 +334,30 @@ class Engine:
       self.compilations += 1
     return program(*args)
 
-  def lower(self, graphdef, config: SamplingConfig, state, batch, rng, row_ids):
-    """The rollout program lowered for these (possibly abstract) inputs.
+  def lower(
+      self,
+      graphdef,
+      config: SamplingConfig,
+      state,
+      batch,
+      rng,
+      row_ids,
+      forced_lengths=None,
+  ):
+    """The static rollout program lowered for these (possibly abstract)
+    inputs.
 
     Any of `state`, `batch`, `rng`, `row_ids` may be `jax.ShapeDtypeStruct`s
     (with shardings): `.compile().memory_analysis()` then reports the
     program's memory without allocating anything.
     """
 
-    def fn(state, batch, rng, row_ids):
+    def fn(state, batch, rng, row_ids, forced_lengths):
       model = nnx.merge(graphdef, state)
-      return _sample_program(model, batch, rng, config, row_ids)
+      return _sample_program(model, batch, rng, config, row_ids,
+                             forced_lengths)  # fmt: skip
 
-    return jax.jit(fn).lower(state, batch, rng, row_ids)
+    return jax.jit(fn).lower(state, batch, rng, row_ids, forced_lengths)
 
 
 _BATCH_KEYS = ("prompt_ids", "prompt_mask", "position_ids", "vision")

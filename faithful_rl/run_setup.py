@@ -14,7 +14,9 @@ import functools
 import hashlib
 import json
 import os
+from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from faithful_rl import models
@@ -26,6 +28,17 @@ from faithful_rl.models import archs
 from faithful_rl.models import families
 from faithful_rl.models.config import ModelConfig
 from faithful_rl.models.config import TextConfig
+
+
+def model_options(config) -> dict[str, Any]:
+  """The model's construction options from `config.model`."""
+  m = config.model
+  return dict(
+      param_dtype=jnp.dtype(m.get("param_dtype", m.dtype)),
+      remat=m.get("remat", "none"),
+      attention=m.get("attention", "auto"),
+      scan_layers=m.get("scan_layers", True),
+  )
 
 
 def model_config_for(config, processor=None) -> ModelConfig:

@@ -1,8 +1,10 @@
 """Token selection: temperature, top-k / top-p filtering and the draw.
 
-`select_tokens(rng, logits, config)` is what the rollout's decode loop calls
-for each step; its log-probability is that of the temperature-scaled
-distribution before filtering, the quantity the training step recomputes.
+`next_tokens(row_keys, steps, logits, config)` is where the rollout's
+decoding loops (`rollout`, `refill`) choose every token, through
+`select_tokens(rng, logits, config)`; its log-probability is that of the
+temperature-scaled distribution before filtering, the quantity the
+training step recomputes.
 Draws are exact inverse-CDF samples (`_categorical`), with one key for the
 whole batch or one key per row (so a row's tokens do not depend on which
 chunk it was sampled in).
@@ -170,13 +172,18 @@ def _categorical(rng: jax.Array, logits: jax.Array, block: int = 128):
 
 
 def select_tokens(
-    rng: jax.Array, logits: jax.Array, config: SamplingConfig
+    rng: jax.Array,
+    logits: jax.Array,
+    config: SamplingConfig,
+    forced: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Draws one token per row; returns (tokens, log pi(token)).
 
   The log-probability is that of the temperature-scaled distribution before
   top-k/top-p filtering: the quantity the training step recomputes. `rng`
-  is one key, or one key per row (see `_categorical`).
+  is one key, or one key per row (see `_categorical`). `forced`: int32[N],
+  a token to take instead of the draw where >= 0 (its log-probability all
+  the same).
   """
   logits = logits.astype(jnp.float32)
   temp = 1.0 if config.greedy else config.temperature
@@ -187,5 +194,45 @@ def select_tokens(
     filtered = filter_logits(scaled, top_k=config.top_k, top_p=config.top_p)
     tokens = _categorical(rng, filtered)
   tokens = tokens.astype(jnp.int32)
+  if forced is not None:
+    tokens = jnp.where(forced >= 0, forced, tokens)
   picked = jnp.take_along_axis(scaled, tokens[..., None], -1)[..., 0]
   return tokens, picked - jax.nn.logsumexp(scaled, axis=-1)
+
+
+def next_tokens(
+    row_keys: jax.Array,
+    steps,
+    logits: jax.Array,
+    config: SamplingConfig,
+    forced_lengths: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Each row's response token number `steps`: (tokens, log-probs) [N].
+
+  The one place a rollout chooses a token. Row n draws with the key
+  fold_in(row_keys[n], steps[n]), so its response depends on its own key
+  and logits only: not on the other rows, the slot it decodes in or the
+  step of the decoding loop (`faithful_rl.refill`).
+
+  Args:
+    row_keys: key[N], one per row (fold_in(rng, row id)).
+    steps: int or int32[N], the index of the token in each response.
+    logits: float32[N, vocab].
+    config: how to sample.
+    forced_lengths: int32[N] or None: where > 0, the response is made to
+      end at that length: its last token is `config.stop_tokens[0]`
+      (benchmarks draw realistic lengths from random weights with it).
+  """
+  n = logits.shape[0]
+  steps = jnp.broadcast_to(jnp.asarray(steps, jnp.int32), (n,))
+  keys = jax.vmap(jax.random.fold_in)(row_keys, steps)
+  forced = None
+  if forced_lengths is not None:
+    if not config.stop_tokens:
+      raise ValueError("forced_lengths needs a stop token (stop_tokens)")
+    forced = jnp.where(
+        (forced_lengths > 0) & (steps == forced_lengths - 1),
+        config.stop_tokens[0],
+        -1,
+    )
+  return select_tokens(keys, logits, config, forced)

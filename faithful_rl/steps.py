@@ -1,9 +1,10 @@
-"""Pure, jittable training steps: SFT (+ anchoring) and RL (+ EASE) updates.
+"""The jitted update step, the method switches and the objective type.
 
 Everything here maps (params, batch, rng) to numbers; the learners
-(`rl.Learner`, `sft.Learner`) own the loops. Parameters are a pure dict
-(`nnx.to_pure_dict`) merged with the model's graphdef inside the step, so
-the jit boundary sees plain pytrees. Method switches are frozen
+(`rl.Learner`, `sft.Learner`) own the loops, and each stage's loss lives
+beside its learner (`rl.loss.RL`, `sft.SFT`: an `Objective`). Parameters
+are a pure dict (`nnx.to_pure_dict`) merged with the model's graphdef
+inside the step, so the jit boundary sees plain pytrees. Method switches are frozen
 dataclasses (static under jit) read from the ml_collections config by
 `*.from_config`; the config (configs/common.py) is their only source of
 defaults.
@@ -16,7 +17,8 @@ the minibatch's gradient whatever M is.
 
 RL batches are `rl.batch.RolloutBatch`es; SFT batches are the dicts of
 `data.batching.collate` with `position_ids` batch-major [B, 3, Tp]. The
-RL step's no-gradient passes are in `rl.analysis`.
+forward passes are `faithful_rl.forward`'s; the RL step's no-gradient
+passes are in `rl.analysis`.
 """
 
 from __future__ import annotations
@@ -31,12 +33,7 @@ import optax
 from flax import nnx
 
 from faithful_rl import losses
-from faithful_rl import rollout
 from faithful_rl import sharding as sharding_lib
-from faithful_rl.models.qwen2_5_vl import AttentionProbe
-from faithful_rl.models.qwen2_5_vl import visual_token_positions
-from faithful_rl.rl.batch import RolloutBatch
-from faithful_rl.rl.batch import repeat_rows
 
 
 def _from(cls, block, what: str, **extra):
@@ -154,49 +151,6 @@ class SFTConfig:
     return cls(anchor=_from(AnchorConfig, sft.get("anchor"), "sft.anchor"))
 
 
-def probe_layers(layers: tuple[int, ...], model) -> tuple[int, ...]:
-  return tuple(layers) or (model.config.default_probe_layer,)
-
-
-def probe_rows(
-    model, prompt_ids, num_visual, mask, rng, g, num_queries, layers
-):
-  """Probe of up to K sampled response rows over the visual tokens.
-
-  `rng`: one key, or one key per row. Returns (probe, query_valid bool[n,
-  K], key_valid bool[n, V]).
-  """
-  qpos, qvalid = losses.sample_query_rows(rng, mask, k=num_queries)
-  kpos, kvalid = visual_token_positions(
-      prompt_ids, model.config.image_token_id, num_visual
-  )
-  kpos, kvalid = repeat_rows((kpos, kvalid), g)
-  probe = AttentionProbe(
-      query_positions=qpos,
-      key_positions=kpos,
-      key_valid=kvalid,
-      layers=probe_layers(layers, model),
-  )
-  return probe, qvalid, kvalid
-
-
-def response_probe(model, batch, mask, rng, g, num_queries, layers):
-  """`probe_rows` for a dict batch (prompt_ids, ease_target)."""
-  v = batch["ease_target"].shape[1]
-  return probe_rows(model, batch["prompt_ids"], v, mask, rng, g, num_queries,
-                layers)  # fmt: skip
-
-
-def row_keys(rng, row_ids):
-  return jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids)
-
-
-def _visual_valid(model, prompt_ids, num_visual):
-  return visual_token_positions(
-      prompt_ids, model.config.image_token_id, num_visual
-  )[1]
-
-
 # ---------------------------------------------------------------------------
 # Objectives: a loss over one micro-batch, and the minibatch's totals.
 # ---------------------------------------------------------------------------
@@ -213,179 +167,6 @@ class Objective:
 
   loss: Callable
   totals: Callable
-
-
-def _sft_prompt(batch: dict) -> dict:
-  return dict(
-      prompt_ids=batch["prompt_ids"],
-      prompt_mask=batch["prompt_mask"],
-      position_ids=jnp.swapaxes(batch["position_ids"], 0, 1),
-      vision=batch["vision"],
-  )
-
-
-def sft_totals(batch: dict, cfg: "SFTConfig", image_token_id: int) -> dict:
-  """Response tokens and (with anchoring) supervised examples."""
-  mask = batch["response_mask"] & batch["example_mask"][..., None]
-  out = {"tokens": mask.sum().astype(jnp.float32)}
-  if cfg.anchor.enabled:
-    v = batch["focus_target"].shape[-1]
-    valid = jax.vmap(
-        lambda ids: visual_token_positions(ids, image_token_id, v)[1]
-    )(batch["prompt_ids"])
-    has_t = jnp.any((batch["focus_target"] > 0) & valid, -1)
-    has_t = has_t & batch["has_boxes"] & batch["example_mask"]
-    out["anchor"] = has_t.sum().astype(jnp.float32)
-  return out
-
-
-def sft_loss(params, graphdef, batch: dict, rng, cfg: SFTConfig, totals):
-  """Teacher-forced cross-entropy on reference responses (+ anchoring).
-
-  Token-mean over the minibatch's response tokens. With anchoring, the
-  probe reads the attention row of the first response token (<Focus>) over
-  the visual tokens and adds `weight * KL(focus target || row)`, averaged
-  over the minibatch's examples with boxes.
-  """
-  del rng
-  model = nnx.merge(graphdef, params)
-  tokens, mask = batch["response_ids"], batch["response_mask"]
-  mask = mask & batch["example_mask"][:, None]
-  probe = None
-  if cfg.anchor.enabled:
-    v = batch["focus_target"].shape[1]
-    kpos, kvalid = visual_token_positions(
-        batch["prompt_ids"], model.config.image_token_id, v
-    )
-    probe = AttentionProbe(
-        query_positions=jnp.zeros((tokens.shape[0], 1), jnp.int32),
-        key_positions=kpos,
-        key_valid=kvalid,
-        layers=probe_layers(cfg.anchor.layers, model),
-    )
-  logp, ent, out = rollout.score(
-      model, _sft_prompt(batch), tokens, mask, num_samples=1, probe=probe
-  )
-  ce = -losses.masked_mean(logp, mask, count=totals["tokens"])
-  metrics = {
-      "ce": ce,
-      "token_accuracy": losses.masked_mean(
-          (jnp.exp(logp) > 0.5).astype(jnp.float32), mask
-      ),
-      "entropy": losses.masked_mean(ent, mask),
-      "response_tokens": mask.sum(),
-  }
-  total = ce
-  if cfg.anchor.enabled:
-    anchor, m = losses.anchor_loss(
-        focus_attention=out.visual_attention,
-        focus_target=batch["focus_target"],
-        valid=kvalid,
-        example_mask=batch["has_boxes"] & batch["example_mask"],
-        renormalize=cfg.anchor.renormalize,
-        direction=cfg.anchor.direction,
-        normalizer=totals["anchor"],
-    )
-    total = total + cfg.anchor.weight * anchor
-    metrics.update({f"anchor/{k}": v for k, v in m.items()})
-    metrics["anchor/loss"] = anchor
-  metrics["loss"] = total
-  return total, metrics
-
-
-def rl_totals(batch: RolloutBatch, cfg: RLConfig, image_token_id: int):
-  """Tokens, responses with a token and (EASE) supervised trajectories."""
-  mask = batch.mask
-  out = {
-      "tokens": mask.sum().astype(jnp.float32),
-      "responses": mask.any(-1).sum().astype(jnp.float32),
-  }
-  if cfg.ease.enabled:
-
-    def counted(b: RolloutBatch):
-      g, v = b.rows_per_prompt, b.ease_target.shape[-1]
-      valid = visual_token_positions(b.prompt_ids, image_token_id, v)[1]
-      skip = cfg.ease.no_box == "skip"
-      return losses.ease_counted(
-          target=repeat_rows(b.ease_target, g),
-          valid=repeat_rows(valid, g),
-          rewards=b.correct,
-          target_mask=repeat_rows(b.has_boxes, g) if skip else None,
-          tau=cfg.ease.tau,
-          gate=cfg.ease.gate,
-      ).sum()
-
-    stacked = batch.prompt_ids.ndim == 3
-    n = jax.vmap(counted)(batch).sum() if stacked else counted(batch)
-    out["ease"] = n.astype(jnp.float32)
-  return out
-
-
-def rl_loss(params, graphdef, batch: RolloutBatch, rng, cfg: RLConfig, totals):
-  """The policy loss named `cfg.loss` (+ reference KL) + lambda * EASE."""
-  model = nnx.merge(graphdef, params)
-  g = batch.rows_per_prompt
-  tokens, mask = batch.tokens, batch.mask
-  probe, qvalid, kvalid = None, None, None
-  if cfg.ease.enabled:
-    keys = row_keys(rng, batch.row_ids)
-    probe, qvalid, kvalid = probe_rows(
-        model, batch.prompt_ids, batch.ease_target.shape[1], mask, keys, g,
-        cfg.ease.num_queries, cfg.ease.layers,
-    )  # fmt: skip
-  logp, ent, out = rollout.score(
-      model,
-      batch.prompt_inputs(),
-      tokens,
-      mask,
-      num_samples=g,
-      temperature=cfg.temperature,
-      probe=probe,
-  )
-  policy = losses.get("policy", cfg.loss)
-  token_mean = cfg.aggregation == "token-mean"
-  pg, metrics = policy(
-      logp=logp,
-      old_logp=batch.old_logp,
-      advantages=batch.advantages,
-      mask=mask,
-      ref_logp=batch.ref_logp,
-      token_weights=batch.token_weights,
-      normalizer=totals["tokens" if token_mean else "responses"],
-      clip_low=cfg.clip_low,
-      clip_high=cfg.clip_high,
-      clip_ratio_c=cfg.clip_ratio_c,
-      aggregation=cfg.aggregation,
-      kl_beta=cfg.kl_beta,
-  )
-  metrics = dict(metrics)
-  metrics["entropy"] = losses.masked_mean(ent, mask)
-  total = pg
-  if cfg.ease.enabled:
-    skip = cfg.ease.no_box == "skip"
-    attn, m = losses.get("attention", cfg.ease.loss)(
-        attention=out.visual_attention,
-        target=repeat_rows(batch.ease_target, g),
-        valid=kvalid,
-        rewards=batch.correct,
-        query_mask=qvalid,
-        target_mask=repeat_rows(batch.has_boxes, g) if skip else None,
-        evidence_mask=repeat_rows(batch.evidence_mask, g),
-        tau=cfg.ease.tau,
-        gate=cfg.ease.gate,
-        renormalize=cfg.ease.renormalize,
-        direction=cfg.ease.direction,
-        normalizer=totals["ease"],
-    )
-    total = total + cfg.ease.weight * attn
-    metrics.update({f"ease/{k}": v for k, v in m.items()})
-    metrics["ease/loss"] = attn
-  metrics["loss"] = total
-  return total, metrics
-
-
-RL = Objective(loss=rl_loss, totals=rl_totals)
-SFT = Objective(loss=sft_loss, totals=sft_totals)
 
 
 # ---------------------------------------------------------------------------

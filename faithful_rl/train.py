@@ -49,6 +49,7 @@ from faithful_rl.run_setup import chance_accuracy
 from faithful_rl.run_setup import dataset_sources
 from faithful_rl.run_setup import make_processor
 from faithful_rl.run_setup import model_config_for
+from faithful_rl.run_setup import model_options
 from faithful_rl.run_setup import results_table
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
@@ -92,17 +93,6 @@ def stage_at(plan, step: int) -> tuple[str, int, int]:
     if start <= step < end:
       return name, start, end
   return plan[-1] if plan else ("done", 0, 0)
-
-
-def model_options(config) -> dict[str, Any]:
-  """The model's construction options from `config.model`."""
-  m = config.model
-  return dict(
-      param_dtype=jnp.dtype(m.get("param_dtype", m.dtype)),
-      remat=m.get("remat", "none"),
-      attention=m.get("attention", "auto"),
-      scan_layers=m.get("scan_layers", True),
-  )
 
 
 def init_params(config, model_config, mesh):

@@ -15,10 +15,12 @@ import helpers
 
 
 def test_the_built_in_families_are_registered_by_their_modules():
-  assert families.names() == ("qwen2_5_vl", "qwen3_vl")
+  assert families.names() == ("qwen2_5_vl", "qwen3_5", "qwen3_vl")
   assert families.get("qwen2_5_vl") is qwen2_5_vl.FAMILY
   assert families.get("qwen3_vl").model_class is qwen3_vl.Qwen3_VL
-  with pytest.raises(ValueError, match="supported: qwen2_5_vl, qwen3_vl"):
+  with pytest.raises(
+      ValueError, match="supported: qwen2_5_vl, qwen3_5, qwen3_vl"
+  ):
     families.get("llava")
   assert archs.variants("qwen2_5_vl") == ("3b", "7b")
   assert archs.variants("qwen3_vl") == ("2b", "4b", "8b", "32b")

@@ -113,7 +113,7 @@ def image_prompts(rng, grids_per_example) -> list[list[int]]:
   return prompts
 
 
-def hf_forward(hf, ids, mask, thw=None, pix=None, **kwargs):
+def hf_forward(hf, ids, mask, thw=None, pix=None, image_token=IMAGE, **kwargs):
   """A `transformers` Qwen-VL forward on numpy inputs, with the
   `mm_token_type_ids` it needs to build 3-D positions for images."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -122,7 +122,7 @@ def hf_forward(hf, ids, mask, thw=None, pix=None, **kwargs):
     kwargs.update(
         pixel_values=torch.tensor(pix),
         image_grid_thw=torch.tensor(np.asarray(thw)),
-        mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64)),
+        mm_token_type_ids=torch.tensor((ids == image_token).astype(np.int64)),
     )
   with torch.no_grad():
     return hf(
@@ -130,8 +130,8 @@ def hf_forward(hf, ids, mask, thw=None, pix=None, **kwargs):
     )
 
 
-def hf_logits(hf, ids, mask, thw=None, pix=None) -> np.ndarray:
-  return hf_forward(hf, ids, mask, thw, pix).logits.numpy()
+def hf_logits(hf, ids, mask, thw=None, pix=None, **kwargs) -> np.ndarray:
+  return hf_forward(hf, ids, mask, thw, pix, **kwargs).logits.numpy()
 
 
 def example(rng, name, grids, n_before, n_after, **fields) -> Example:
@@ -199,28 +199,46 @@ QWEN3_CHAT_TEMPLATE = (
 )
 
 
-def write_qwen3_folder(path: str, seed: int = 0) -> ModelConfig:
-  """A tiny Qwen3-VL checkpoint folder as transformers writes it, with the
-  demo tokenizer, Qwen3-VL's image processor settings and chat template."""
+# A published checkpoint's sampling defaults (generation_config.json), other
+# than transformers' own, so that a copy is told apart from a rewrite.
+GENERATION_CONFIG = dict(
+    do_sample=True, temperature=0.7, top_k=20, top_p=0.8,
+    repetition_penalty=1.05,
+)  # fmt: skip
+
+
+def write_hf_folder(
+    path: str, family: str = "qwen3_vl", seed: int = 0
+) -> ModelConfig:
+  """A tiny checkpoint folder of `family` as transformers writes it, with
+  the demo tokenizer, the family's image processor settings and chat
+  template (Qwen2.5-VL's: the demo tokenizer's) and a generation config."""
   import torch  # pylint: disable=g-import-not-at-top
-  from transformers import Qwen3VLForConditionalGeneration  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
 
   from faithful_rl.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  from faithful_rl.models import families  # pylint: disable=g-import-not-at-top
 
   demo = tok_lib.demo_tokenizer_dir()
   for name in ("tokenizer.json", "tokenizer_config.json"):
     shutil.copy(os.path.join(demo, name), os.path.join(path, name))
-  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
-
-  tok = AutoTokenizer.from_pretrained(path)
-  tok.chat_template = QWEN3_CHAT_TEMPLATE
+  tok = transformers.AutoTokenizer.from_pretrained(path)
+  if family == "qwen3_vl":
+    tok.chat_template = QWEN3_CHAT_TEMPLATE
+    config = tiny_qwen3_config()
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+      json.dump(QWEN3_PREPROCESSOR, f, indent=2)
+  else:
+    config = tiny_config()
+    shutil.copy(os.path.join(demo, "preprocessor_config.json"), path)
   tok.save_pretrained(path)
-  with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
-    json.dump(QWEN3_PREPROCESSOR, f, indent=2)
   ids = tok_lib.special_token_ids(tok).model_config_kwargs()
-  config = tiny_qwen3_config().replace(**ids).replace_text(vocab_size=448)
+  config = config.replace(**ids).replace_text(vocab_size=448)
   torch.manual_seed(seed)
-  Qwen3VLForConditionalGeneration(config.to_hf()).save_pretrained(path)
+  cls = getattr(transformers, families.get(family).hf_architecture)
+  cls(config.to_hf()).save_pretrained(path)
+  with open(os.path.join(path, "generation_config.json"), "w") as f:
+    json.dump(GENERATION_CONFIG, f, indent=2)
   return config
 
 
@@ -309,3 +327,43 @@ def check_rope_index(hf, ids, mask, grids, config):
   np.testing.assert_array_equal(pos, pos_ref.numpy())
   np.testing.assert_array_equal(delta, delta_ref.numpy().ravel())
   return pos
+
+
+def tiny_qwen3_5_config(*, tied: bool = False) -> ModelConfig:
+  """Qwen3.5: 5 hybrid layers (linear, full, linear, linear, full), head_dim
+  32 with a quarter rotated, grouped DeltaNet heads (4 value heads share 2
+  query/key heads), a 6 x 6 position table, no DeepStack."""
+  from faithful_rl.models import hybrid  # pylint: disable=g-import-not-at-top
+  from faithful_rl.models import qwen3_5  # pylint: disable=g-import-not-at-top
+
+  base = tiny_config(tied=tied)
+  lin, full = hybrid.LINEAR, hybrid.FULL
+  text = hybrid.HybridTextConfig(
+      vocab_size=128,
+      hidden_size=64,
+      intermediate_size=96,
+      num_hidden_layers=5,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      head_dim=32,
+      rope_theta=5e6,
+      mrope_section=(2, 1, 1),
+      max_position_embeddings=512,
+      tie_word_embeddings=tied,
+      layer_types=(lin, full, lin, lin, full),
+      partial_rotary_factor=0.25,
+      linear_conv_kernel_dim=4,
+      linear_key_head_dim=16,
+      linear_value_head_dim=8,
+      linear_num_key_heads=2,
+      linear_num_value_heads=4,
+  )
+  vision = qwen3_5.Qwen3_5VisionConfig(
+      depth=2,
+      hidden_size=32,
+      intermediate_size=48,
+      num_heads=2,
+      out_hidden_size=64,
+      num_position_embeddings=36,
+  )
+  return base.replace(family="qwen3_5", text=text, vision=vision)

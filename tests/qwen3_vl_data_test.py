@@ -4,7 +4,7 @@ Qwen3VLProcessor, boxes on the 32-px token grid, `<Focus>` through
 
 The folder is a tiny Qwen3-VL written by transformers with the demo
 tokenizer and Qwen3-VL's image processor settings and chat template
-(`helpers.write_qwen3_folder`).
+(`helpers.write_hf_folder`).
 """
 
 import json
@@ -26,7 +26,7 @@ import helpers
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("qwen3_vl"))
-  helpers.write_qwen3_folder(path)
+  helpers.write_hf_folder(path)
   return path
 
 
@@ -236,10 +236,10 @@ def test_anchor_step_on_qwen3(step_setup):
   b = {k: batch[k] for k in sft.KEYS}
   b["position_ids"] = np.swapaxes(b["position_ids"], 0, 1)
   b = jax.tree.map(jnp.asarray, b)
-  totals = steps.sft_totals(jax.tree.map(lambda x: x[None], b), cfg, image)
+  totals = sft.sft_totals(jax.tree.map(lambda x: x[None], b), cfg, image)
 
   def anchor_loss(p):
-    _, m = steps.sft_loss(p, graphdef, b, None, cfg, totals)
+    _, m = sft.sft_loss(p, graphdef, b, None, cfg, totals)
     return m["anchor/loss"], m
 
   grad_fn = jax.jit(jax.value_and_grad(anchor_loss, has_aux=True))

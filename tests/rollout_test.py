@@ -2,7 +2,7 @@
 
 Tiny random models (`helpers.tiny_config`, float32 on CPU unless stated):
 greedy tokens equal `transformers`' `generate`; sampled log-probs equal the
-teacher-forced training forward (`rollout.score`) to 1e-4; token
+teacher-forced training forward (`forward.score`) to 1e-4; token
 frequencies pass a chi-square test against the model's distribution while
 a mis-specified distribution fails it; one compiled program per bucket;
 stop tokens end responses and the decode loop.
@@ -20,6 +20,7 @@ import torch
 from flax import nnx
 
 from faithful_rl import data
+from faithful_rl import forward
 from faithful_rl import models
 from faithful_rl import rollout
 from faithful_rl import sampling
@@ -141,9 +142,9 @@ def _pick_stop(tokens, stop_row, free_rows, lo=3, hi=20):
 
 @functools.partial(nnx.jit, static_argnames=("num_samples", "temperature"))
 def _score(model, batch, tokens, mask, other, *, num_samples, temperature):
-  """`rollout.score` log-probs; `other`: None (the batch's images) or
+  """`forward.score` log-probs; `other`: None (the batch's images) or
   another VisionInputs."""
-  logp, _, _ = rollout.score(
+  logp, _, _ = forward.score(
       model,
       batch,
       tokens,

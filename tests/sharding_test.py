@@ -55,7 +55,7 @@ SCRIPT = PREAMBLE + textwrap.dedent("""
           out_shardings=sh,
       )(params)
       sft_cfg = steps.SFTConfig.from_config(common.base_config().sft)
-      upd = steps.make_update(steps.SFT, tx, graphdef, sft_cfg,
+      upd = steps.make_update(sft.SFT, tx, graphdef, sft_cfg,
                               state_shardings=sh)
       # Four micro-batches of 2 rows, accumulated. (With one row per batch
       # device and tensor=2 the model's loss is off by 2e-4 relative, as on

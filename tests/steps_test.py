@@ -13,6 +13,7 @@ from flax import nnx
 
 from configs import common
 from configs import demo
+from faithful_rl import forward
 from faithful_rl import models
 from faithful_rl import rl
 from faithful_rl import sft
@@ -20,6 +21,7 @@ from faithful_rl import steps
 from faithful_rl import train
 from faithful_rl.data import batching
 from faithful_rl.data import synthetic
+from faithful_rl.rl import loss as rl_loss
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +97,8 @@ def loss_of(params, graphdef, batch, cfg, rng=None):
   """rl_loss of one batch normalised by its own totals."""
   rng = jax.random.key(0) if rng is None else rng
   image = nnx.merge(graphdef, params).config.image_token_id
-  totals = steps.rl_totals(batch, cfg, image)
-  return steps.rl_loss(params, graphdef, batch, rng, cfg, totals)
+  totals = rl_loss.rl_totals(batch, cfg, image)
+  return rl_loss.rl_loss(params, graphdef, batch, rng, cfg, totals)
 
 
 def test_anchor_loss_reads_exactly_the_focus_row(setup):
@@ -110,8 +112,8 @@ def test_anchor_loss_reads_exactly_the_focus_row(setup):
     b["position_ids"] = np.swapaxes(b["position_ids"], 0, 1)
     b = _dev(b)
     image = nnx.merge(graphdef, params).config.image_token_id
-    totals = steps.sft_totals(jax.tree.map(lambda x: x[None], b), cfg, image)
-    return steps.sft_loss(params, graphdef, b, None, cfg, totals)[1]
+    totals = sft.sft_totals(jax.tree.map(lambda x: x[None], b), cfg, image)
+    return sft.sft_loss(params, graphdef, b, None, cfg, totals)[1]
 
   m = anchor_metrics(batch)
   # Later response tokens cannot change the <Focus> row (causal), but they
@@ -168,7 +170,7 @@ def _one_update(graphdef, params, batch, cfg, rows):
   """Params and metrics after one SGD(1) update over micro-batches."""
   tx = optax.sgd(1.0)
   state = steps.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
-  update = steps.make_update(steps.RL, tx, graphdef, cfg)
+  update = steps.make_update(rl_loss.RL, tx, graphdef, cfg)
   b = batch.prompt_ids.shape[0]
   micro = rl.layout(_dev(batch), np.arange(b), rows)
   assert micro.tokens.shape[:2] == (batch.tokens.shape[0] // rows, rows)
@@ -219,7 +221,7 @@ def test_sft_micro_batches_accumulate_to_the_one_batch_update(setup):
   anchor = dict(common.base_config().sft.anchor, enabled=True, weight=1.0)
   cfg = steps.SFTConfig(anchor=steps.AnchorConfig(**anchor))
   tx = optax.sgd(1.0)
-  update = steps.make_update(steps.SFT, tx, graphdef, cfg)
+  update = steps.make_update(sft.SFT, tx, graphdef, cfg)
   arrays = {k: batch[k] for k in sft.KEYS}
   arrays["position_ids"] = np.swapaxes(arrays["position_ids"], 0, 1)
   arrays["response_mask"] = arrays["response_mask"].copy()
@@ -270,7 +272,7 @@ def test_update_and_rollout_lower_from_abstract_inputs(setup):
   micro = rl.RolloutBatch.abstract(prompts=1, num_samples=4, leading=(3,),
                                    **shapes)  # fmt: skip
   key = jax.eval_shape(lambda: jax.random.key(0))
-  lowered = steps.make_update(steps.RL, tx, graphdef, cfg).lower(
+  lowered = steps.make_update(rl_loss.RL, tx, graphdef, cfg).lower(
       state, micro, key
   )
   assert "while" in lowered.as_text()  # the scan over 3 micro-batches
@@ -313,7 +315,7 @@ def test_analysis_and_reference_in_chunks_equal_one_chunk(setup):
   ref = jax.jit(analysis.reference_chunks, static_argnums=(1, 3))
   got = rl.unlayout(ref(params, graphdef, rl.layout(bt, order, 1), cfg), 8)
   model = nnx.merge(graphdef, params)
-  want, _, _ = rollout.score(model, bt.prompt_inputs(), bt.tokens, bt.mask,
+  want, _, _ = forward.score(model, bt.prompt_inputs(), bt.tokens, bt.mask,
                              num_samples=g)  # fmt: skip
   mask = np.asarray(bt.mask)
   np.testing.assert_allclose(np.asarray(got)[mask], np.asarray(want)[mask],

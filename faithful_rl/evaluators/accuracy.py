@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from faithful_rl import forward
 from faithful_rl import losses
 from faithful_rl import rewards as rewards_lib
 from faithful_rl import rollout
 from faithful_rl import sharding
-from faithful_rl import steps
 from faithful_rl.data import batching
 
 
@@ -54,19 +54,19 @@ class ProbeSpec:
 
 def _attention_stats(params, graphdef, batch, tokens, mask, spec: ProbeSpec):
   model = nnx.merge(graphdef, params)
-  k = min(spec.num_queries, tokens.shape[1])
-  probe, qvalid, kvalid = steps.response_probe(
-      model, batch, mask, jax.random.key(0), 1, k, spec.layers
-  )
   prompt = {
       key: batch[key]
       for key in ("prompt_ids", "prompt_mask", "position_ids", "vision")
   }
-  _, _, out = rollout.score(
-      model, prompt, tokens, mask, num_samples=1, probe=probe
-  )
-  a = losses.trajectory_attention(
-      attention=out.visual_attention, valid=kvalid, query_mask=qvalid
+  a, kvalid, _ = forward.response_attention(
+      model,
+      prompt,
+      tokens,
+      mask,
+      jax.random.key(0),
+      num_visual=batch["ease_target"].shape[1],
+      num_queries=min(spec.num_queries, tokens.shape[1]),
+      layers=spec.layers,
   )
   mass, hit = losses.attention_diagnostics(a, batch["evidence_mask"], kvalid)
   kl = losses.attention_kl(

@@ -8,6 +8,7 @@ This module imports every model family's module (`families` loads it to
 find them): a new family adds its import and its sizes here.
 """
 
+from faithful_rl.models import qwen3_5  # pylint: disable=unused-import
 from faithful_rl.models.config import ModelConfig
 from faithful_rl.models.config import TextConfig
 from faithful_rl.models.qwen2_5_vl import VisionConfig

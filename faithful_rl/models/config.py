@@ -105,6 +105,18 @@ class TextConfig:
       )
 
   @property
+  def rotary_dim(self) -> int:
+    """Features of each head RoPE rotates (all of them here; Qwen3.5's
+    text config rotates a fraction)."""
+    return self.head_dim
+
+  @property
+  def linear_layers(self) -> tuple[int, ...]:
+    """Layers whose token mixer is linear attention (none here; Qwen3.5's
+    `hybrid.HybridTextConfig` has them)."""
+    return ()
+
+  @property
   def derived_head_dim(self) -> bool:
     """Whether head_dim is hidden_size / num_attention_heads."""
     return self.head_dim == self.hidden_size // self.num_attention_heads
@@ -188,9 +200,17 @@ class ModelConfig:
 # ---------------------------------------------------------------------------
 
 
-def text_from_hf(t: Any, **special) -> TextConfig:
-  """The shared reading of an HF text config (M-RoPE, no sliding window);
-  `special`: the family's decoder switches (and head_dim)."""
+def text_from_hf(
+    t: Any,
+    *,
+    cls: type = TextConfig,
+    default_section: tuple[int, ...] = (16, 24, 24),
+    **special,
+) -> TextConfig:
+  """The shared reading of an HF text config (M-RoPE, no sliding window)
+  into `cls`; `special`: the family's decoder switches (and head_dim);
+  `default_section`: the family's M-RoPE sections when the config names
+  none."""
   rope = dict(t.rope_parameters or {})
   rope_type = rope.get("rope_type", rope.get("type", "default"))
   if rope_type not in ("default", "mrope"):
@@ -204,11 +224,11 @@ def text_from_hf(t: Any, **special) -> TextConfig:
         " released Qwen2.5-VL checkpoints do not use it)"
     )
   return _from_fields(
-      TextConfig,
+      cls,
       t,
       rms_norm_eps=float(t.rms_norm_eps),
       rope_theta=float(rope.get("rope_theta", 1000000.0)),
-      mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
+      mrope_section=tuple(rope.get("mrope_section", default_section)),
       **special,
   )
 

@@ -19,6 +19,8 @@ a shard is closed before the next is opened.
 CLI (an Orbax copy restores faster and sharded):
   python -m faithful_rl.models.convert_hf to-orbax HF_DIR ORBAX_DIR
   python -m faithful_rl.models.convert_hf to-hf ORBAX_DIR HF_DIR
+
+A training run's checkpoints are exported by `python -m faithful_rl.export`.
 """
 
 from __future__ import annotations
@@ -127,7 +129,9 @@ def stacked_axis(path: Path) -> int | None:
   parts = tuple(str(p) for p in path)
   stacked = families.stacked_paths()
   for i in range(len(parts) - 1):
-    if parts[i : i + 2] in stacked:
+    # A layer list (Qwen3.5's two kinds of layer) has the number already.
+    listed = i + 2 < len(path) and isinstance(path[i + 2], int)
+    if parts[i : i + 2] in stacked and not listed:
       return i + 2
   return None
 
@@ -307,6 +311,7 @@ def from_pretrained(
       expected[name] = path
   tied = config.text.tie_word_embeddings
   tensors = _Tensors(hf_dir)
+  skip = families.get(config.family).skip_hf
   unexpected = []
   try:
     for fname in sorted(weight_files(hf_dir)):
@@ -314,6 +319,8 @@ def from_pretrained(
       fpath = os.path.join(hf_dir, fname)
       for raw in f.keys():
         name = normalize_hf_name(raw, config.family)
+        if skip and name.startswith(skip):
+          continue  # published, not part of the model (an MTP head)
         if name not in expected:
           if tied and name == "lm_head.weight":
             continue  # the tied head is the embedding
@@ -527,6 +534,19 @@ def load_orbax(
   return nnx.merge(graphdef, state)
 
 
+def _training_run_of(path: str) -> str | None:
+  """The workdir when `path` is a training run's (or its checkpoints/ or
+  checkpoints/<step>), else None."""
+  path = os.path.abspath(path)
+  for _ in range(3):
+    if os.path.isdir(os.path.join(path, "checkpoints")) and os.path.isfile(
+        os.path.join(path, "config.json")
+    ):
+      return path
+    path = os.path.dirname(path)
+  return None
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="cmd", required=True)
@@ -549,6 +569,13 @@ def main(argv=None):
     save_orbax(model, args.orbax_dir, hf_dir=args.hf_dir)
     print(f"wrote {args.orbax_dir}")
   else:
+    run = _training_run_of(args.orbax_dir)
+    if run:
+      parser.error(
+          f"{args.orbax_dir} is a training run's checkpoint, not a to-orbax"
+          " folder; export it with: python -m faithful_rl.export"
+          f" --workdir={run} --out={args.hf_dir}"
+      )
     model = load_orbax(args.orbax_dir, jnp.float32)
     names = save_pretrained(
         model, args.hf_dir, dtype=dtype, copy_files_from=args.orbax_dir

@@ -67,10 +67,17 @@ class KVCache:
   stack would slice, i.e. copy, every layer's cache out at every step.
   Heads before slots, so that a decoding step's two attention products read
   a layer's cache as it lies.
+
+  A hybrid decoder's linear-attention layers (`linear`, per layer only)
+  keep their state instead: k[i] is the convolution state [B, W - 1, C]
+  (dtype) and v[i] the recurrent state float32[B, Hv, dk, dv].
   """
 
   k: jax.Array | tuple[jax.Array, ...]
   v: jax.Array | tuple[jax.Array, ...]
+  linear: tuple[int, ...] = dataclasses.field(
+      default=(), metadata=dict(static=True)
+  )
 
   @classmethod
   def zeros(
@@ -83,11 +90,22 @@ class KVCache:
   ):
     shape = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
     n = cfg.num_hidden_layers
-    if per_layer:
-      return cls(
-          k=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
-          v=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
+    linear = cfg.linear_layers
+    if linear and not per_layer:
+      raise ValueError(
+          "a decoder with linear-attention layers caches per layer"
       )
+    if per_layer:
+      k, v = [], []
+      for i in range(n):
+        if i in linear:
+          conv, rec = cfg.linear_state_shapes(batch)
+          k.append(jnp.zeros(conv, dtype))
+          v.append(jnp.zeros(rec, jnp.float32))
+        else:
+          k.append(jnp.zeros(shape, dtype))
+          v.append(jnp.zeros(shape, dtype))
+      return cls(k=tuple(k), v=tuple(v), linear=linear)
     return cls(k=jnp.zeros((n, *shape), dtype), v=jnp.zeros((n, *shape), dtype))
 
   @property
@@ -96,21 +114,30 @@ class KVCache:
 
   @property
   def length(self) -> int:
-    return self.k[0].shape[2] if self.per_layer else self.k.shape[3]
+    if not self.per_layer:
+      return self.k.shape[3]
+    full = next(i for i in range(len(self.k)) if i not in self.linear)
+    return self.k[full].shape[2]
 
   @property
   def rows(self) -> int:
     return self.k[0].shape[0] if self.per_layer else self.k.shape[1]
 
   def layer(self, i: int) -> tuple[jax.Array, jax.Array]:
-    """Layer i's (k, v), [B, K, S, d] each."""
+    """Layer i's (k, v), [B, K, S, d] each (a linear layer's state)."""
     return self.k[i], self.v[i]
+
+  def with_layers(self, k, v) -> "KVCache":
+    """The same kind of cache holding per-layer tuples `k`, `v`."""
+    return dataclasses.replace(self, k=tuple(k), v=tuple(v))
 
   def repeat(self, g: int) -> "KVCache":
     """Each sequence's cache g times in a row (the G samples of a prompt)."""
     axis = 0 if self.per_layer else 1
     rep = lambda a: jnp.repeat(a, g, axis=axis)
-    return KVCache(k=jax.tree.map(rep, self.k), v=jax.tree.map(rep, self.v))
+    return dataclasses.replace(
+        self, k=jax.tree.map(rep, self.k), v=jax.tree.map(rep, self.v)
+    )
 
 
 @jax.tree_util.register_dataclass
@@ -216,6 +243,33 @@ def probe_attention(
   return cols * probe.key_valid[:, None, None, :]
 
 
+def write_at(
+    buf: jax.Array, new: jax.Array, index, axis: int, row_axis: int = 0
+) -> jax.Array:
+  """`new` written into `buf` (same rank) from `index` on along `axis`.
+
+  `index` is one slot for every row (a Python int or a traced scalar), or
+  int32[B], one per row along `row_axis`: the slots of a refilled sampler
+  decode at different steps (`faithful_rl.refill`).
+  """
+  if jnp.ndim(index) == 0:
+    at = [0] * buf.ndim
+    at[axis] = index
+    return jax.lax.dynamic_update_slice(buf, new, at)
+  inner = axis - (row_axis < axis)
+  one = lambda b, x, i: jax.lax.dynamic_update_slice_in_dim(b, x, i, inner)
+  return jax.vmap(one, (row_axis, row_axis, 0), row_axis)(buf, new, index)
+
+
+def read_at(x: jax.Array, index, size: int, axis: int) -> jax.Array:
+  """`size` entries of `x` [B, ...] from `index` on along `axis`; `index`
+  as in `write_at` (one for all rows, or int32[B] one per row)."""
+  if jnp.ndim(index) == 0:
+    return jax.lax.dynamic_slice_in_dim(x, index, size, axis)
+  one = lambda r, i: jax.lax.dynamic_slice_in_dim(r, i, size, axis - 1)
+  return jax.vmap(one)(x, index)
+
+
 @dataclasses.dataclass
 class Context:
   """Per-forward values every decoder layer reads.
@@ -275,6 +329,11 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     return layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
 
+  def queries_keys(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
+    """(queries, keys, output gate [B, T, H * d] or None): `qk` plus the
+    gate a gated attention (Qwen3.5's) multiplies its output by."""
+    return (*self.qk(x, cos, sin), None)
+
   def __call__(self, x, cos, sin, ctx: Context, layer_cache, prefix=None):
     """Returns (output [B, T, D], keys/values, probe [B, H, Q, V] or None).
 
@@ -286,19 +345,16 @@ class Attention(nnx.Module):
     `prefix`: this layer's shared prefix (k, v) [b, K, Tp, d] or None.
     """
     b, t, _ = x.shape
-    q, k = self.qk(x, cos, sin)
+    q, k, gate = self.queries_keys(x, cos, sin)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, d]
     written = layer_cache is not None and ctx.write_cache
-    at = (0, 0, ctx.cache_index, 0)
+    at = lambda c, x: write_at(c, x, ctx.cache_index, axis=2)
     if layer_cache is not None:
       k = k.astype(layer_cache[0].dtype)
       v = v.astype(layer_cache[1].dtype)
     if written:
-      layer_cache = (
-          jax.lax.dynamic_update_slice(layer_cache[0], k, at),
-          jax.lax.dynamic_update_slice(layer_cache[1], v, at),
-      )
+      layer_cache = (at(layer_cache[0], k), at(layer_cache[1], v))
     out = self._attend(q, (k, v), layer_cache, ctx, prefix)
     probe = None
     if ctx.probe is not None:
@@ -306,13 +362,16 @@ class Attention(nnx.Module):
       if written:
         keys = layer_cache[0]
       elif layer_cache is not None:
-        keys = jax.lax.dynamic_update_slice(layer_cache[0], k, at)
+        keys = at(layer_cache[0], k)
       probe = probe_attention(
           q, keys, ctx.key_mask, ctx.query_slots, ctx.probe,
           self.head_dim**-0.5,
           None if prefix is None else (prefix[0], ctx.prefix_mask),
       )  # fmt: skip
-    out = self.o_proj(out.reshape(b, t, -1))
+    out = out.reshape(b, t, -1)
+    if gate is not None:
+      out = out * jax.nn.sigmoid(gate)
+    out = self.o_proj(out)
     return out, layer_cache if written else (k, v), probe
 
   def _attend(self, q, new_kv, layer_cache, ctx: Context, prefix):
@@ -338,8 +397,9 @@ class Attention(nnx.Module):
       slot = jnp.arange(s, dtype=jnp.int32)
       cached = key_mask
       if not ctx.write_cache:
-        new = (slot >= ctx.cache_index) & (slot < ctx.cache_index + t)
-        cached = key_mask & ~new[None]
+        first = jnp.reshape(ctx.cache_index, (-1, 1))  # [1 or B, 1]
+        new = (slot[None] >= first) & (slot[None] < first + t)
+        cached = key_mask & ~new
       parts.append(
           attention_lib.attend(
               q, ck, cv,
@@ -354,7 +414,7 @@ class Attention(nnx.Module):
       )  # fmt: skip
     if fresh or not ctx.write_cache:
       # The T new keys (all of them, without a cache or in a fresh one).
-      new_mask = jax.lax.dynamic_slice_in_dim(key_mask, ctx.cache_index, t, 1)
+      new_mask = read_at(key_mask, ctx.cache_index, t, axis=1)
       new_seg = new_mask.astype(jnp.int32)
       parts.append(
           attention_lib.attend(

@@ -58,6 +58,9 @@ class Family:
     layout: optional (path) -> `convert_hf.TensorLayout` or None, for
       tensors whose HF layout is not the generic one (a transposed kernel,
       the patch embedding).
+    skip_hf: prefixes of published tensors that are not part of the model
+      (Qwen3.5's multi-token-prediction head `mtp.`), skipped on loading
+      as transformers skips them.
   """
 
   name: str
@@ -71,6 +74,7 @@ class Family:
   patch_buckets: tuple[int, ...] = ()
   stacked: tuple[tuple[str, str], ...] = ()
   layout: Callable[[tuple], Any] | None = None
+  skip_hf: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, Family] = {}

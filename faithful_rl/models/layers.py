@@ -77,6 +77,26 @@ class RMSNorm(nnx.Module):
     return self.weight[...].astype(in_dtype) * normed
 
 
+class ZeroCenteredRMSNorm(nnx.Module):
+  """y = (1 + w) * (x / rms(x)), all in float32, cast to the input dtype.
+
+  Qwen3.5's (Gemma's) norm: the weight is stored centred on zero (zeros at
+  initialisation), and the scale is applied before the cast back.
+  """
+
+  def __init__(self, dim: int, *, eps: float, dtype, param_dtype=None):
+    self.weight = nnx.Param(jnp.zeros((dim,), param_dtype or dtype))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    normed = x32 * jax.lax.rsqrt(var + self.eps)
+    return (normed * (1.0 + self.weight[...].astype(jnp.float32))).astype(
+        x.dtype
+    )
+
+
 class LayerNorm(nnx.Module):
   """torch's LayerNorm (weight and bias): statistics and affine in float32."""
 
@@ -261,8 +281,16 @@ def rotate_half(x: jax.Array) -> jax.Array:
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """x[..., T, H, d] rotated by cos/sin[..., T, d] (broadcast over H)."""
+  """x[..., T, H, d] rotated by cos/sin[..., T, r] (broadcast over H).
+
+  With r < d (partial rotary, Qwen3.5) only the first r features rotate;
+  the other d - r pass through.
+  """
   cos, sin = cos[..., None, :], sin[..., None, :]
+  r = cos.shape[-1]
+  if r < x.shape[-1]:
+    rot, rest = x[..., :r], x[..., r:]
+    return jnp.concatenate([rot * cos + rotate_half(rot) * sin, rest], -1)
   return x * cos + rotate_half(x) * sin
 
 

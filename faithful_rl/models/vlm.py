@@ -47,6 +47,7 @@ from faithful_rl.models.decoder import AttentionProbe
 from faithful_rl.models.decoder import Context
 from faithful_rl.models.decoder import KVCache
 from faithful_rl.models.decoder import ModelOutput
+from faithful_rl.models.decoder import write_at
 from faithful_rl.models.decoder import TextModel
 from faithful_rl.models.inputs import VisionInputs
 
@@ -73,6 +74,7 @@ class VisionLanguageModel(nnx.Module):
   """
 
   vision_tower: type  # the family's tower class
+  text_model: type = TextModel  # the decoder's class (Qwen3.5: hybrid)
 
   def __init__(
       self,
@@ -96,7 +98,7 @@ class VisionLanguageModel(nnx.Module):
     self.scan_layers = scan_layers
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.visual = self.make_visual(config.vision, **kw)
-    self.language_model = TextModel(config.text, **kw)
+    self.language_model = self.text_model(config.text, **kw)
     if not config.text.tie_word_embeddings:
       self.lm_head = layers.linear(
           config.text.hidden_size, config.text.vocab_size, bias=False, **kw
@@ -251,7 +253,8 @@ class VisionLanguageModel(nnx.Module):
       attention_probe: rows/columns of attention to return.
       cache: a KVCache to write into and attend over.
       cache_index: first cache slot of the T new tokens (a Python int, or a
-        traced scalar when decoding).
+        traced scalar when decoding, or int32[B], one per row: the slots of
+        `faithful_rl.refill` decode at different steps).
       prefix_cache: keys and values [L, b, K, Tp, d] of a prefix shared by
         groups of B / b consecutive rows (a prompt's G sampled responses):
         every query also attends to its group's real prefix keys. The
@@ -311,7 +314,10 @@ class VisionLanguageModel(nnx.Module):
       )
       if features is not None:
         deepstack = (features, self.visual_slots(input_ids, image_mask))
-    query_slots = cache_index + jnp.arange(t, dtype=jnp.int32)
+    # [t], or [B, t] with one cache index per row (a refilled sampler).
+    query_slots = jnp.asarray(cache_index, jnp.int32)[..., None] + jnp.arange(
+        t, dtype=jnp.int32
+    )
     if prefix_cache is not None:
       if prefix_mask is None:
         raise ValueError("prefix_cache needs prefix_mask")
@@ -323,7 +329,7 @@ class VisionLanguageModel(nnx.Module):
       prefix_mask = jnp.asarray(prefix_mask).astype(jnp.bool_)
     ctx = Context(
         key_mask=key_mask,
-        query_slots=jnp.broadcast_to(query_slots[None], (b, t)),
+        query_slots=jnp.broadcast_to(query_slots, (b, t)),
         cache_index=cache_index,
         probe=attention_probe,
         impl=self.attention,
@@ -382,7 +388,7 @@ class VisionLanguageModel(nnx.Module):
     n = tcfg.num_hidden_layers
     cos, sin = layers.mrope_cos_sin(
         position_ids,
-        head_dim=tcfg.head_dim,
+        head_dim=tcfg.rotary_dim,
         theta=tcfg.rope_theta,
         section=tcfg.mrope_section,
         dtype=x.dtype,
@@ -442,7 +448,7 @@ class VisionLanguageModel(nnx.Module):
           visual_attention[i] = out if probe.per_head else out.mean(axis=1)
       if per_layer_cache:
         ks, vs = zip(*new_kv)
-        return x, KVCache(k=tuple(ks), v=tuple(vs)), visual_attention
+        return x, cache.with_layers(ks, vs), visual_attention
       if cache is not None:
         new_kv = [jax.tree.map(lambda a: a[None], kv) for kv in new_kv]
       return x, self._write(cache, new_kv, ctx), visual_attention
@@ -495,11 +501,8 @@ class VisionLanguageModel(nnx.Module):
       return None
     k_new = jnp.concatenate([kv[0] for kv in new_kv], axis=0)
     v_new = jnp.concatenate([kv[1] for kv in new_kv], axis=0)
-    at = (0, 0, 0, ctx.cache_index, 0)
-    return KVCache(
-        k=jax.lax.dynamic_update_slice(cache.k, k_new, at),
-        v=jax.lax.dynamic_update_slice(cache.v, v_new, at),
-    )
+    at = lambda c, x: write_at(c, x, ctx.cache_index, axis=3, row_axis=1)
+    return KVCache(k=at(cache.k, k_new), v=at(cache.v, v_new))
 
 
 def _gather(features: jax.Array, slots, dtype) -> jax.Array:

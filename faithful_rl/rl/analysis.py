@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from faithful_rl import forward
 from faithful_rl import losses
-from faithful_rl import rollout
 from faithful_rl import sampling
 from faithful_rl import steps
 from faithful_rl.models.inputs import VisionInputs
@@ -71,24 +71,26 @@ def analyze(
   out: dict[str, Any] = {}
   r_cfg = cfg.reinforce
   k_probe, k_vppo = jax.random.split(rng)
-  score = lambda vision, probe=None: rollout.score(
+  score = lambda vision: forward.score(
       model,
       batch.prompt_inputs(vision),
       tokens,
       mask,
       num_samples=g,
       temperature=cfg.temperature,
-      probe=probe,
   )
   if r_cfg.enabled:
-    probe, qvalid, kvalid = steps.probe_rows(
-        model, batch.prompt_ids, batch.ease_target.shape[1], mask,
-        steps.row_keys(k_probe, batch.row_ids), g, r_cfg.num_queries,
-        r_cfg.layers,
-    )  # fmt: skip
-    logp, _, fwd = score("same", probe)
-    a = losses.trajectory_attention(
-        attention=fwd.visual_attention, valid=kvalid, query_mask=qvalid
+    a, kvalid, logp = forward.response_attention(
+        model,
+        batch.prompt_inputs(),
+        tokens,
+        mask,
+        forward.row_keys(k_probe, batch.row_ids),
+        num_visual=batch.ease_target.shape[1],
+        num_samples=g,
+        num_queries=r_cfg.num_queries,
+        layers=r_cfg.layers,
+        temperature=cfg.temperature,
     )
     ev = repeat_rows(batch.evidence_mask, g) & kvalid
     out["evidence_mass"] = jnp.sum(jnp.where(ev, a, 0.0), -1)
@@ -101,7 +103,7 @@ def analyze(
   if cfg.vppo.enabled:
     perturbed = perturb_patches(
         batch.vision,
-        steps.row_keys(k_vppo, batch.group_ids),
+        forward.row_keys(k_vppo, batch.group_ids),
         drop_prob=cfg.vppo.drop_prob,
         black=black,
     )
@@ -126,7 +128,7 @@ def reference_chunks(
   model = nnx.merge(graphdef, params)
 
   def one(c: RolloutBatch):
-    logp, _, _ = rollout.score(
+    logp, _, _ = forward.score(
         model,
         c.prompt_inputs(),
         c.tokens,

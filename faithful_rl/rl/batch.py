@@ -98,7 +98,7 @@ class RolloutBatch:
     return self.tokens.shape[-2] // self.prompt_ids.shape[-2]
 
   def prompt_inputs(self, vision: Any = "same") -> dict[str, Any]:
-    """The prompt dict `rollout.score` and `rollout.Engine` take.
+    """The prompt dict `forward.score` and `rollout.Engine` take.
 
     `vision`: "same" (this batch's images), or other VisionInputs.
     """

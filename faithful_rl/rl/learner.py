@@ -33,6 +33,7 @@ from faithful_rl import sharding
 from faithful_rl import steps
 from faithful_rl.data import batching
 from faithful_rl.rl import analysis
+from faithful_rl.rl import loss as rl_loss
 from faithful_rl.rl import rounds as rounds_lib
 from faithful_rl.rl.batch import check_chunk
 from faithful_rl.rl.batch import layout
@@ -146,7 +147,7 @@ class Learner:
         cf_rollout=reinforce.enabled and reinforce.test == "rollout_flip",
     )
     self.update = steps.make_update(
-        steps.RL,
+        rl_loss.RL,
         tx,
         graphdef,
         self.cfg,
