@@ -158,7 +158,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.max_rounds = 3
   c.rl.overlong = "shaping"  # shaping | filter | none
   c.rl.overlong_cache = 8  # L_cache (tokens)
-  c.rl.format_weight = 0.0
+  # The reward: these terms by name (`faithful_rl.rewards.REWARDS`; a new
+  # one registers itself), each times its weight (default 1), each given
+  # its `reward_options.<name>` block as keyword arguments.
+  c.rl.rewards = ("correct", "format", "overlong")
+  c.rl.reward_weights = dict(format=0.0)
+  c.rl.reward_options = ml_collections.ConfigDict()
   c.rl.boxed_only = True  # only a \boxed{} answer earns the reward
   c.rl.sampling = dict(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=64)
   c.rl.optim = dict(

@@ -87,6 +87,13 @@ def check_sizes(rl) -> None:
     )
 
 
+def _plain(block) -> dict:
+  """A config block (ConfigDict, dict or None) as a plain dict."""
+  if block is None:
+    return {}
+  return block.to_dict() if hasattr(block, "to_dict") else dict(block)
+
+
 class Learner:
   """The RL stage's step (see the module docstring).
 
@@ -139,7 +146,9 @@ class Learner:
             pad_token=processor.ids.pad,
         ),
         chunk=int(rc.rollout_chunk),
-        format_weight=float(rc.format_weight),
+        rewards=tuple(rc.rewards),
+        reward_weights=_plain(rc.get("reward_weights")),
+        reward_options=_plain(rc.get("reward_options")),
         boxed_only=bool(rc.boxed_only),
         overlong=rc.overlong,
         overlong_cache=int(rc.overlong_cache),
