@@ -123,9 +123,12 @@ def dataset_sources(config, workdir: str):
       cfg_name = base
       builders.build_synthetic(data_dir, base)
     full = f"evidence_vqa/{cfg_name}"
-  elif name.startswith("jsonl_vqa/"):
-    files = config.data.jsonl.to_dict()
-    _, reports = builders.build_jsonl(files, data_dir, name=name.split("/")[1])
+  elif name.startswith("jsonl_vqa/"):  # users' files, data.format
+    files = config.data.files.to_dict()
+    _, reports = builders.build_jsonl(
+        files, data_dir, name=name.split("/")[1],
+        format=config.data.get("format", "jsonl"),
+    )  # fmt: skip
     for split, report in reports.items():
       print(f"[data] {split}: {report}")
     full = name
