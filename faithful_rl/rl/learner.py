@@ -109,6 +109,8 @@ class Learner:
       `batching.BatchIterator` sharded by process).
     state_shardings: the train state's shardings (the update keeps them).
     engine: a `rollout.Engine` (default: a new one over the buckets).
+    saved: what `saved()` returned at the checkpoint resumed from ({"ref":
+      the frozen reference parameters}), or None at the stage's start.
   """
 
   def __init__(
@@ -124,6 +126,7 @@ class Learner:
       prompts,
       state_shardings=None,
       engine: rollout.Engine | None = None,
+      saved: dict | None = None,
   ):
     rc = config.rl
     check_sizes(rc)
@@ -168,7 +171,12 @@ class Learner:
     self._finalize = jax.jit(analysis.finalize, static_argnums=(2,))
     self._gap = jax.jit(analysis.logp_gap)
     self.black = sharding.replicated(mesh, black_patch(processor))
-    self.ref_params = None  # frozen at the stage's first step (kl_beta > 0)
+    # Frozen at the stage's first step (kl_beta > 0), kept by checkpoints.
+    self.ref_params = (saved or {}).get("ref")
+
+  def saved(self) -> dict:
+    """What a checkpoint keeps of the learner beyond the train state."""
+    return {} if self.ref_params is None else {"ref": self.ref_params}
 
   @property
   def needs_reference(self) -> bool:
