@@ -235,9 +235,7 @@ def update_program(arch, config, mesh, report):
   tp, patches, r = _buckets(config)
   batch = _chunks(config, model_config, mesh, rows, m)
   tx = train.make_tx(config, "rl", params, 100)
-  abstract_state, shardings = train.abstract_train_state(
-      graphdef, params, tx, mesh
-  )
+  abstract_state, shardings = train.abstract_train_state(params, tx, mesh)
   update = steps.make_update(
       rl_loss.RL,
       tx,

@@ -9,8 +9,9 @@ Config arguments (`--config=configs/x.py:arg`), the same for every recipe:
   variant=SIZE    the checkpoint's size (shapes, batch sizes): 3b|7b for
                   the qwen2_5_vl_* recipes, 4b|8b for the qwen3_vl_* ones.
   hf_dir=DIR      a local Hugging Face folder to start from.
-  data=FILE       training JSONL (default: the synthetic task);
-  eval_data=FILE  held-out JSONL.
+  data=FILE       training data (default: the synthetic task): JSONL,
+                  .parquet or an HF `datasets` folder (`data.format`);
+  eval_data=FILE  held-out data, in the same format.
   demo            the demo instead of the real recipe: the tiny model from
                   scratch on the synthetic task, SFT warm start then this
                   recipe's method; trains on a CPU in about ten minutes.
@@ -19,6 +20,8 @@ Config arguments (`--config=configs/x.py:arg`), the same for every recipe:
                   the model is the demo's tiny one; with hf_dir it is that
                   checkpoint.
 """
+
+import os
 
 import ml_collections
 
@@ -93,7 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = "evidence_vqa"  # TFDS name: evidence_vqa[/cfg], jsonl_vqa/x
   c.data.data_dir = ""  # default: <workdir>/../tfds, built on first use
-  c.data.jsonl = ml_collections.ConfigDict()  # split -> path (jsonl data)
+  # jsonl_vqa/x: users' files, split -> path, in a format by name
+  # (`faithful_rl.data.formats`: jsonl | parquet | hf | registered).
+  c.data.files = ml_collections.ConfigDict()
+  c.data.format = "jsonl"
   c.data.synthetic = ml_collections.ConfigDict()  # EvidenceVqaConfig knobs
   c.data.train_split = "train"
   c.data.eval_split = "validation"
@@ -158,7 +164,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.max_rounds = 3
   c.rl.overlong = "shaping"  # shaping | filter | none
   c.rl.overlong_cache = 8  # L_cache (tokens)
-  c.rl.format_weight = 0.0
+  # The reward: these terms by name (`faithful_rl.rewards.REWARDS`; a new
+  # one registers itself), each times its weight (default 1), each given
+  # its `reward_options.<name>` block as keyword arguments.
+  c.rl.rewards = ("correct", "format", "overlong")
+  c.rl.reward_weights = dict(format=0.0)
+  c.rl.reward_options = ml_collections.ConfigDict()
   c.rl.boxed_only = True  # only a \boxed{} answer earns the reward
   c.rl.sampling = dict(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=64)
   c.rl.optim = dict(
@@ -252,6 +263,14 @@ def sized(c, arg):
   return runlocal(c)
 
 
+def data_format(path: str) -> str:
+  """The `data.format` a recipe's data=FILE implies: parquet for .parquet,
+  hf for a folder, else jsonl."""
+  if path.endswith(".parquet"):
+    return "parquet"
+  return "hf" if os.path.isdir(path) else "jsonl"
+
+
 def real_checkpoint(c, arg, family: str, variants=None):
   """Settings shared by the real-checkpoint recipes of every family.
 
@@ -276,10 +295,11 @@ def real_checkpoint(c, arg, family: str, variants=None):
   c.model.dtype = "bfloat16"
   c.data.name = "jsonl_vqa/user" if arg.data else "evidence_vqa/mixed_sizes"
   if arg.data:
-    c.data.jsonl = {"train": arg.data}
+    c.data.files = {"train": arg.data}
+    c.data.format = data_format(arg.data)
     if arg.eval_data:
-      c.data.jsonl["validation"] = arg.eval_data
-      c.data.jsonl["test"] = arg.eval_data
+      c.data.files["validation"] = arg.eval_data
+      c.data.files["test"] = arg.eval_data
   c.data.prompt_buckets = (512, 1024, 2048)
   c.data.patch_buckets = families.get(family).patch_buckets
   c.data.response_buckets = (256, 512, 1024)
@@ -388,7 +408,7 @@ def tiny_model(c):
   c.model.arch = ""
   c.model.scratch = demo.scratch_model()
   c.data.name = "evidence_vqa/demo"
-  c.data.jsonl = {}
+  c.data.files = {}
   c.data.synthetic = dict(SMALL_SYNTHETIC)
   c.data.processor.max_pixels = None
   c.rl.optim.groups = ()
@@ -399,7 +419,7 @@ def runlocal_checkpoint(c):
   """A real checkpoint at small images and buckets (a smoke test)."""
   c.data.processor.max_pixels = 224 * 224
   c.data.processor.min_pixels = 56 * 56
-  if not c.data.jsonl:
+  if not c.data.files:
     c.data.name = "evidence_vqa/demo"
     c.data.synthetic = dict(SMALL_SYNTHETIC)
   return c

@@ -16,10 +16,27 @@ Rules chosen where graders differ:
 * Percentages: a side written with '%' may equal either its number or its
   number / 100, so '50%' matches both '50' and '0.5' (as `math_verify`
   does); two bare numbers never get the factor 100 ('50' != '0.5').
+
+Rewards by name (`rl.rewards`, summed with `rl.reward_weights`): each
+term is a function in `REWARDS`, `fn(responses: Responses, spec,
+**options) -> float32[N]`, where `spec` is the step's `rl.rounds.Spec`
+and `options` its `rl.reward_options.<name>` block. Built in: "correct"
+(`verify`), "format" (`format_reward`), "overlong" (DAPO's length
+shaping, when `rl.overlong='shaping'`). A new reward is one file:
+
+  from faithful_rl import rewards
+
+  @rewards.REWARDS.register("brevity")
+  def brevity(responses, spec, *, per_token=0.01):
+    return -per_token * responses.lengths.astype(np.float32)
+
+  # --config.rl.rewards='("correct", "brevity")'
+  # --config.rl.reward_options.brevity.per_token=0.02
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fractions
 import re
 import threading
@@ -28,6 +45,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from faithful_rl import registry
 
 _TYPES = {
     "number": "number",
@@ -482,10 +501,100 @@ def batch_rewards(
   return {k: np.array([o[k] for o in outs], np.float32) for k in keys}
 
 
+# ------------------------------------------------------------------------------
+# Reward terms by name (`rl.rewards`).
+# ------------------------------------------------------------------------------
+
+REWARDS = registry.Registry("reward", "rl.rewards", "rewards.REWARDS")
+
+
+@dataclasses.dataclass(frozen=True)
+class Responses:
+  """What a reward term sees of one round's N sampled responses.
+
+  Attributes:
+    texts: the N decoded responses.
+    answers: each response's gold answer (its prompt's), N strings.
+    answer_types: each response's answer type (None: inferred).
+    lengths: int32[N] response lengths in tokens.
+    max_len: the sampler's max_new_tokens.
+  """
+
+  texts: Sequence[str]
+  answers: Sequence[str]
+  answer_types: Sequence[str | None]
+  lengths: np.ndarray
+  max_len: int
+
+
+@REWARDS.register("correct")
+def correct_reward(responses: Responses, spec) -> np.ndarray:
+  """1 where `verify` accepts the answer (`spec.boxed_only`), float32[N]."""
+  return np.asarray(
+      [
+          verify(t, a, k, boxed_only=spec.boxed_only)
+          for t, a, k in zip(
+              responses.texts, responses.answers, responses.answer_types
+          )
+      ],
+      np.float32,
+  )
+
+
+@REWARDS.register("format")
+def format_term(responses: Responses, spec) -> np.ndarray:
+  """1 where the response is well formed (`format_reward`), float32[N]."""
+  del spec
+  return np.asarray([format_reward(t) for t in responses.texts], np.float32)
+
+
+@REWARDS.register("overlong")
+def overlong_term(responses: Responses, spec) -> np.ndarray:
+  """DAPO's soft overlong punishment with `rl.overlong='shaping'` (else 0),
+  float32[N] (`losses.overlong_penalty`)."""
+  from faithful_rl import losses  # pylint: disable=g-import-not-at-top
+
+  if spec.overlong != "shaping":
+    return np.zeros((len(responses.texts),), np.float32)
+  return np.asarray(
+      losses.overlong_penalty(
+          lengths=np.asarray(responses.lengths),
+          max_len=responses.max_len,
+          cache_len=spec.overlong_cache,
+      ),
+      np.float32,
+  )
+
+
+def score_terms(
+    responses: Responses,
+    spec,
+    names: Sequence[str],
+    weights: Mapping[str, float],
+    options: Mapping[str, Mapping[str, Any]],
+) -> dict[str, np.ndarray]:
+  """Each named term and their weighted sum, "reward" (float32[N] each).
+
+  "correct" is always scored (accuracy and EASE's gate read it); it joins
+  the reward only when named. A term's weight defaults to 1.
+  """
+  out = {}
+  for name in dict.fromkeys(("correct",) + tuple(names)):
+    out[name] = REWARDS.get(name)(responses, spec, **options.get(name, {}))
+  reward = np.zeros((len(responses.texts),), np.float32)
+  for name in names:
+    reward = reward + np.float32(weights.get(name, 1.0)) * out[name]
+  out["reward"] = reward.astype(np.float32)
+  return out
+
+
 __all__ = [
+    "REWARDS",
+    "Responses",
     "batch_rewards",
     "extract_answer",
     "format_reward",
     "reward_fn",
+    "score_terms",
     "verify",
 ]

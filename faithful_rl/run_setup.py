@@ -1,10 +1,15 @@
-"""What a training run reads, before any parameter exists.
+"""What a training run sets up: everything `train.train` composes.
 
-The model's architecture (`model_config_for`), the processor
-(`make_processor`), the datasets (`dataset_sources`), the chance level of
-the synthetic task (`chance_accuracy`), and the held-out table printed at
-the end (`results_table`). `train.py` composes them; each is importable on
-its own (the notebooks and `inference.py` use them).
+Before any parameter exists: the model's architecture
+(`model_config_for`), the processor (`make_processor`), the datasets
+(`dataset_sources`), the chance level of the synthetic task
+(`chance_accuracy`), and the held-out table printed at the end
+(`results_table`). Then the stages (`stage_plan`), the parameters
+(`init_params`), the train state's shapes and shardings
+(`abstract_train_state`, `fresh_state`), the optimizer (`make_tx`), the
+data iterators and their checkpointed positions, and each stage's learner
+(`make_learner`, `enter_stage`). Each is importable on its own (the
+notebooks, the benchmarks and `inference.py` use them).
 """
 
 from __future__ import annotations
@@ -16,10 +21,19 @@ import json
 import os
 from typing import Any
 
+from flax import nnx
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from faithful_rl import checkpointing
 from faithful_rl import models
+from faithful_rl import optim
+from faithful_rl import rl
+from faithful_rl import sft
+from faithful_rl import sharding
+from faithful_rl import steps
+from faithful_rl.data import batching
 from faithful_rl.data import builders
 from faithful_rl.data import processing
 from faithful_rl.data import synthetic
@@ -123,9 +137,12 @@ def dataset_sources(config, workdir: str):
       cfg_name = base
       builders.build_synthetic(data_dir, base)
     full = f"evidence_vqa/{cfg_name}"
-  elif name.startswith("jsonl_vqa/"):
-    files = config.data.jsonl.to_dict()
-    _, reports = builders.build_jsonl(files, data_dir, name=name.split("/")[1])
+  elif name.startswith("jsonl_vqa/"):  # users' files, data.format
+    files = config.data.files.to_dict()
+    _, reports = builders.build_jsonl(
+        files, data_dir, name=name.split("/")[1],
+        format=config.data.get("format", "jsonl"),
+    )  # fmt: skip
     for split, report in reports.items():
       print(f"[data] {split}: {report}")
     full = name
@@ -185,3 +202,186 @@ def results_table(results: dict, chance) -> str:
           f" {r.get('pointing_hit', 0):.3f}  ({label})"
       )
   return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# The run's pieces around the model: stages, parameters, state, data
+# iterators, learners (what `train.train` composes).
+# ---------------------------------------------------------------------------
+
+
+class RunStopped(RuntimeError):
+  """A stop with a clear message; the last good checkpoint is untouched."""
+
+
+def init_distributed(config) -> None:
+  """`jax.distributed.initialize` from `config.distributed` (if enabled)."""
+  d = config.distributed
+  if not d.enabled:
+    return
+  # Collectives between CPU processes (tests, CPU clusters); accelerators
+  # use their own.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
+  if d.coordinator_address:
+    kwargs["coordinator_address"] = d.coordinator_address
+  if d.num_processes > 0:
+    kwargs["num_processes"] = int(d.num_processes)
+  if d.process_id >= 0:
+    kwargs["process_id"] = int(d.process_id)
+  jax.distributed.initialize(**kwargs)
+
+
+def stage_plan(config) -> list[tuple[str, int, int]]:
+  """[(stage, first global step, end global step)]."""
+  plan, start = [], 0
+  for name in config.stages:
+    n = int(config[name].steps)
+    plan.append((name, start, start + n))
+    start += n
+  return plan
+
+
+def stage_at(plan, step: int) -> tuple[str, int, int]:
+  for name, start, end in plan:
+    if start <= step < end:
+      return name, start, end
+  return plan[-1] if plan else ("done", 0, 0)
+
+
+def init_params(config, model_config, mesh):
+  """(graphdef, params pure dict) placed on the mesh; shapes first."""
+  dtype = jnp.dtype(config.model.dtype)
+  options = model_options(config)
+  if config.model.init == "hf":
+    model = models.from_pretrained(
+        config.model.hf_dir,
+        dtype=dtype,
+        sharding=sharding.param_sharding_fn(mesh),
+        **options,
+    )
+    graphdef, state = nnx.split(model)
+    return graphdef, nnx.to_pure_dict(state)
+  create = lambda: nnx.split(
+      models.create(model_config, dtype=dtype, seed=config.seed, **options)
+  )
+  graphdef, abstract = nnx.eval_shape(create)
+  abstract = nnx.to_pure_dict(abstract)
+  shardings = sharding.tree_shardings(abstract, mesh)
+  params = jax.jit(
+      lambda: nnx.to_pure_dict(create()[1]), out_shardings=shardings
+  )()
+  return graphdef, params
+
+
+def abstract_train_state(params, tx, mesh):
+  """ShapeDtypeStructs (with shardings) of TrainState, for restore, and
+  the shardings."""
+  abstract = jax.eval_shape(lambda p: steps.TrainState.create(p, tx), params)
+  params_sh = sharding.tree_shardings(abstract.params, mesh)
+  opt_sh = sharding.tree_shardings(abstract.opt_state, mesh)
+  step_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  shardings = steps.TrainState(params_sh, opt_sh, step_sh)
+  return checkpointing.abstract_like(abstract, shardings), shardings
+
+
+def make_tx(config, stage: str, params, total: int):
+  return optim.from_config(params, config[stage].optim, total)
+
+
+def fresh_state(params, tx, shardings, step=None) -> steps.TrainState:
+  """`TrainState.create` placed as `shardings` say (a stage's start)."""
+  return jax.jit(
+      lambda p, s: steps.TrainState.create(p, tx, s), out_shardings=shardings
+  )(params, step)
+
+
+def iterators(config, sources, processor, model_config, buckets):
+  """This process's shares of the SFT batches and the RL prompts."""
+  procs, index = jax.process_count(), jax.process_index()
+  if config.sft.batch_size % procs:
+    raise ValueError(
+        f"sft.batch_size={config.sft.batch_size} does not split over"
+        f" {procs} processes"
+    )
+  make = lambda batch_size, seed_offset: batching.BatchIterator(
+      sources["train"],
+      processor,
+      batch_size=batch_size,
+      model_config=model_config,
+      buckets=buckets,
+      seed=config.seed + seed_offset,
+      on_overflow=config.data.on_overflow,
+      truncate_response=True,
+      num_threads=config.data.num_threads,
+      shard=(index, procs),
+  )
+  return {
+      "sft": batching.Prefetch(make(config.sft.batch_size // procs, 0)),
+      "rl": make(config.rl.num_prompts // procs, 1),
+  }
+
+
+def iterator_states(iters) -> dict[str, list[dict]]:
+  """Every process's iterator states, for process 0's JSON checkpoint."""
+  keys = ("seed", "epoch", "position", "num_records", "skipped")
+  out = {}
+  for name, it in iters.items():
+    s = it.get_state()
+    row = np.asarray([[s[k] for k in keys] + list(s["shard"])], np.int64)
+    rows = sharding.allgather(row)
+    out[name] = [
+        dict(zip(keys, map(int, r[:5])), shard=[int(r[5]), int(r[6])])
+        for r in rows
+    ]
+  return out
+
+
+def restore_iterators(iters, saved: dict) -> None:
+  procs, index = jax.process_count(), jax.process_index()
+  for name, it in iters.items():
+    states = saved[name]
+    if isinstance(states, dict):  # written by one process before lists
+      states = [states]
+    if len(states) != procs:
+      raise RunStopped(
+          f"the checkpoint was written by {len(states)} processes; this run"
+          f" has {procs}. Resume with the same number of processes."
+      )
+    it.set_state(states[index])
+
+
+def make_learner(stage, config, *, tx, shardings, graphdef, data, iters,
+                 mesh, engine, first_step=0, saved=None,
+                 hooks=()):  # fmt: skip
+  """The stage's learner: `step(state, rng) -> (state, metrics)`.
+
+  `first_step`: the global step it starts at; `saved`: what the learner
+  kept in the checkpoint it resumes from (`Learner.saved()`), or None at
+  the stage's start; `hooks`: SFT batch hooks (tests: `sft.nan_at`).
+  """
+  common = dict(graphdef=graphdef, tx=tx, mesh=mesh,
+                state_shardings=shardings, saved=saved)  # fmt: skip
+  if stage == "sft":
+    return sft.Learner(config, batches=iters["sft"], first_step=first_step,
+                       hooks=hooks, **common)  # fmt: skip
+  return rl.Learner(
+      config,
+      processor=data["processor"],
+      model_config=data["model_config"],
+      buckets=data["buckets"],
+      prompts=iters["rl"],
+      engine=engine,
+      **common,
+  )
+
+
+def enter_stage(stage, plan, config, state, mesh):
+  """A stage starts with its own optimizer (fresh moments).
+
+  Returns (tx, shardings, state with the fresh optimizer state).
+  """
+  _, start, end = next(p for p in plan if p[0] == stage)
+  tx = make_tx(config, stage, state.params, end - start)
+  _, shardings = abstract_train_state(state.params, tx, mesh)
+  return tx, shardings, fresh_state(state.params, tx, shardings, state.step)

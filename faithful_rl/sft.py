@@ -8,7 +8,7 @@ with `SFT`: `sft_loss` over each micro-batch, normalised by `sft_totals`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -134,6 +134,16 @@ def micro_batches(batch: dict, rows: int):
   )
 
 
+def nan_at(step: int) -> Callable[[int, dict], None]:
+  """A test hook: the batch of global step `step` gets NaN pixels."""
+
+  def hook(at: int, batch: dict) -> None:
+    if at == step:
+      batch["vision"].pixel_values[:] = np.nan
+
+  return hook
+
+
 class Learner:
   """The SFT stage's step.
 
@@ -142,12 +152,22 @@ class Learner:
     graphdef, tx, mesh, state_shardings: as `rl.Learner`.
     batches: this process's share of the SFT batches (an iterator of
       `batching.Batch`).
+    first_step: the global step of the first `step` call (host-side, so
+      that hooks see the step without reading the device's).
+    hooks: callables `hook(step, batch)` run on each host batch before
+      the update (fault injection in tests: `nan_at`).
+    saved: what `saved()` returned at the checkpoint resumed from (SFT
+      keeps nothing beyond the train state).
   """
 
   def __init__(self, config, *, graphdef, tx, mesh, batches,
-               state_shardings=None):  # fmt: skip
-    self.config, self.mesh, self.batches = config, mesh, batches
+               state_shardings=None, first_step: int = 0,
+               hooks: Sequence[Callable[[int, dict], None]] = (),
+               saved=None):  # fmt: skip
+    del saved
+    self.mesh, self.batches = mesh, batches
     self.micro_batch = int(config.sft.micro_batch)
+    self.next_step, self.hooks = first_step, tuple(hooks)
     cfg = steps.SFTConfig.from_config(config.sft)
     update = steps.make_update(
         SFT,
@@ -160,11 +180,16 @@ class Learner:
     layout = jax.jit(micro_batches, static_argnums=1)
     self._update = lambda s, b, r: update(s, layout(b, self.micro_batch), r)
 
+  def saved(self) -> dict:
+    """What a checkpoint keeps of the learner beyond the train state."""
+    return {}
+
   def step(self, state: steps.TrainState, rng) -> tuple[Any, dict]:
     arrays = next(self.batches).arrays
     batch = {k: arrays[k] for k in KEYS}
     batch["position_ids"] = np.swapaxes(batch["position_ids"], 0, 1)
-    if int(state.step) == self.config.debug.nan_at_step:  # test hook
-      batch["vision"].pixel_values[:] = np.nan
+    for hook in self.hooks:
+      hook(self.next_step, batch)
+    self.next_step += 1
     state, m = self._update(state, sharding.global_batch(self.mesh, batch), rng)
     return state, metrics_lib.scalars(jax.device_get(m))

@@ -108,7 +108,6 @@ class RLConfig:
   """What the RL loss, the analysis and the advantages read (static)."""
 
   loss: str  # a "policy" loss name (losses.registry)
-  num_samples: int
   temperature: float
   clip_low: float
   clip_high: float
@@ -180,6 +179,12 @@ class TrainState:
   params: Any
   opt_state: Any
   step: jax.Array
+
+  @classmethod
+  def create(cls, params, tx: optax.GradientTransformation, step=None):
+    """A fresh optimizer state over `params`, at `step` (default 0)."""
+    step = jnp.zeros((), jnp.int32) if step is None else step
+    return cls(params, tx.init(params), step)
 
 
 def make_update(

@@ -27,34 +27,43 @@ from typing import Any
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
-import numpy as np
 from flax import nnx
 import tqdm
 
 from faithful_rl import checkpointing
 from faithful_rl import metrics as metrics_lib
 from faithful_rl import models
-from faithful_rl import optim
-from faithful_rl import rl
 from faithful_rl import rollout
 from faithful_rl import sft
 from faithful_rl import sharding
-from faithful_rl import steps
 from faithful_rl.data import batching
 from faithful_rl.evaluators import accuracy
+from faithful_rl.run_setup import RunStopped
+from faithful_rl.run_setup import abstract_train_state
 from faithful_rl.run_setup import chance_accuracy
 from faithful_rl.run_setup import dataset_sources
+from faithful_rl.run_setup import enter_stage
+from faithful_rl.run_setup import fresh_state
+from faithful_rl.run_setup import init_distributed
+from faithful_rl.run_setup import init_params
+from faithful_rl.run_setup import iterator_states
+from faithful_rl.run_setup import iterators
+from faithful_rl.run_setup import make_learner
 from faithful_rl.run_setup import make_processor
+from faithful_rl.run_setup import make_tx
 from faithful_rl.run_setup import model_config_for
 from faithful_rl.run_setup import model_options
+from faithful_rl.run_setup import restore_iterators
 from faithful_rl.run_setup import results_table
+from faithful_rl.run_setup import stage_at
+from faithful_rl.run_setup import stage_plan
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 
+# The setup lives in `run_setup`; these names stay importable from here.
 __all__ = [
     "RunStopped",
     "abstract_train_state",
@@ -64,151 +73,10 @@ __all__ = [
     "make_processor",
     "make_tx",
     "model_config_for",
+    "model_options",
     "stage_plan",
     "train",
 ]
-
-
-class RunStopped(RuntimeError):
-  """A stop with a clear message; the last good checkpoint is untouched."""
-
-
-# ---------------------------------------------------------------------------
-# Pieces train() composes (each importable on its own).
-# ---------------------------------------------------------------------------
-
-
-def stage_plan(config) -> list[tuple[str, int, int]]:
-  """[(stage, first global step, end global step)]."""
-  plan, start = [], 0
-  for name in config.stages:
-    n = int(config[name].steps)
-    plan.append((name, start, start + n))
-    start += n
-  return plan
-
-
-def stage_at(plan, step: int) -> tuple[str, int, int]:
-  for name, start, end in plan:
-    if start <= step < end:
-      return name, start, end
-  return plan[-1] if plan else ("done", 0, 0)
-
-
-def init_params(config, model_config, mesh):
-  """(graphdef, params pure dict) placed on the mesh; shapes first."""
-  dtype = jnp.dtype(config.model.dtype)
-  options = model_options(config)
-  if config.model.init == "hf":
-    model = models.from_pretrained(
-        config.model.hf_dir,
-        dtype=dtype,
-        sharding=sharding.param_sharding_fn(mesh),
-        **options,
-    )
-    graphdef, state = nnx.split(model)
-    return graphdef, nnx.to_pure_dict(state)
-  create = lambda: nnx.split(
-      models.create(model_config, dtype=dtype, seed=config.seed, **options)
-  )
-  graphdef, abstract = nnx.eval_shape(create)
-  abstract = nnx.to_pure_dict(abstract)
-  shardings = sharding.tree_shardings(abstract, mesh)
-  params = jax.jit(
-      lambda: nnx.to_pure_dict(create()[1]), out_shardings=shardings
-  )()
-  return graphdef, params
-
-
-def abstract_train_state(graphdef, params, tx, mesh):
-  """ShapeDtypeStructs (with shardings) of TrainState, for restore."""
-  del graphdef
-  abstract = jax.eval_shape(
-      lambda p: steps.TrainState(p, tx.init(p), jnp.zeros((), jnp.int32)),
-      params,
-  )
-  params_sh = sharding.tree_shardings(abstract.params, mesh)
-  opt_sh = sharding.tree_shardings(abstract.opt_state, mesh)
-  step_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  shardings = steps.TrainState(params_sh, opt_sh, step_sh)
-  return checkpointing.abstract_like(abstract, shardings), shardings
-
-
-def make_tx(config, stage: str, params, total: int):
-  return optim.from_config(params, config[stage].optim, total)
-
-
-def init_distributed(config) -> None:
-  """`jax.distributed.initialize` from `config.distributed` (if enabled)."""
-  d = config.distributed
-  if not d.enabled:
-    return
-  # Collectives between CPU processes (tests, CPU clusters); accelerators
-  # use their own.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  kwargs = {}
-  if d.coordinator_address:
-    kwargs["coordinator_address"] = d.coordinator_address
-  if d.num_processes > 0:
-    kwargs["num_processes"] = int(d.num_processes)
-  if d.process_id >= 0:
-    kwargs["process_id"] = int(d.process_id)
-  jax.distributed.initialize(**kwargs)
-
-
-def iterators(config, sources, processor, model_config, buckets):
-  """This process's shares of the SFT batches and the RL prompts."""
-  procs, index = jax.process_count(), jax.process_index()
-  if config.sft.batch_size % procs:
-    raise ValueError(
-        f"sft.batch_size={config.sft.batch_size} does not split over"
-        f" {procs} processes"
-    )
-  make = lambda batch_size, seed_offset: batching.BatchIterator(
-      sources["train"],
-      processor,
-      batch_size=batch_size,
-      model_config=model_config,
-      buckets=buckets,
-      seed=config.seed + seed_offset,
-      on_overflow=config.data.on_overflow,
-      truncate_response=True,
-      num_threads=config.data.num_threads,
-      shard=(index, procs),
-  )
-  return {
-      "sft": batching.Prefetch(make(config.sft.batch_size // procs, 0)),
-      "rl": make(config.rl.num_prompts // procs, 1),
-  }
-
-
-def iterator_states(iters) -> dict[str, list[dict]]:
-  """Every process's iterator states, for process 0's JSON checkpoint."""
-  keys = ("seed", "epoch", "position", "num_records", "skipped")
-  out = {}
-  for name, it in iters.items():
-    s = it.get_state()
-    row = np.asarray([[s[k] for k in keys] + list(s["shard"])], np.int64)
-    rows = sharding.allgather(row)
-    out[name] = [
-        dict(zip(keys, map(int, r[:5])), shard=[int(r[5]), int(r[6])])
-        for r in rows
-    ]
-  return out
-
-
-def restore_iterators(iters, saved: dict) -> None:
-  procs, index = jax.process_count(), jax.process_index()
-  for name, it in iters.items():
-    states = saved[name]
-    if isinstance(states, dict):  # written by one process before lists
-      states = [states]
-    if len(states) != procs:
-      raise RunStopped(
-          f"the checkpoint was written by {len(states)} processes; this run"
-          f" has {procs}. Resume with the same number of processes."
-      )
-    it.set_state(states[index])
 
 
 class Preemption:
@@ -262,43 +130,10 @@ def evaluate(state, config, graphdef, data, engine, mesh, split, n) -> dict:
   return {k: v for k, v in out.items() if k != "samples"}
 
 
-def make_learner(stage, config, tx, shardings, graphdef, data, iters, mesh,
-                 engine):  # fmt: skip
-  """The stage's learner: `step(state, rng) -> (state, metrics)`."""
-  common = dict(graphdef=graphdef, tx=tx, mesh=mesh,
-                state_shardings=shardings)  # fmt: skip
-  if stage == "sft":
-    return sft.Learner(config, batches=iters["sft"], **common)
-  return rl.Learner(
-      config,
-      processor=data["processor"],
-      model_config=data["model_config"],
-      buckets=data["buckets"],
-      prompts=iters["rl"],
-      engine=engine,
-      **common,
-  )
-
-
-def enter_stage(stage, plan, config, state, graphdef, mesh):
-  """A stage starts with its own optimizer (fresh moments).
-
-  Returns (tx, shardings, state with the fresh optimizer state).
-  """
-  _, start, end = next(p for p in plan if p[0] == stage)
-  tx = make_tx(config, stage, state.params, end - start)
-  _, shardings = abstract_train_state(graphdef, state.params, tx, mesh)
-  state = jax.jit(
-      lambda p, s: steps.TrainState(p, tx.init(p), s),
-      out_shardings=shardings,
-  )(state.params, state.step)
-  return tx, shardings, state
-
-
 def save(ckpts, step, state, iters, results, learner) -> None:
   """A checkpoint of everything a resumed run continues from."""
   host = {"data": iterator_states(iters), "results": results, "step": step}
-  ckpts.save(step, state, host, ref=getattr(learner, "ref_params", None))
+  ckpts.save(step, state, host, **(learner.saved() if learner else {}))
 
 
 # ---------------------------------------------------------------------------
@@ -311,8 +146,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   workdir = os.path.abspath(workdir)
   init_distributed(config)
   lead = jax.process_index() == 0
-  if config.debug.nan_at_step >= 0:
-    os.environ.setdefault("FAITHFUL_RL_DEBUG", "1")
 
   # ---------------------------------------------------- workdir, mesh --
   checkpointing.check_compatible(workdir, config.to_dict(), write=lead)
@@ -363,8 +196,8 @@ def _run(config, workdir: str, mesh, lead: bool) -> dict[str, Any]:
   step = 0 if latest is None else int(latest)
   stage, s_start, s_end = stage_at(plan, step)
   tx = make_tx(config, stage, params, s_end - s_start) if plan else None
-  abstract, shardings = abstract_train_state(graphdef, params, tx, mesh)
-  ref = None
+  abstract, shardings = abstract_train_state(params, tx, mesh)
+  saved = None  # what the learner kept in the checkpoint resumed from
   if latest is None and config.model.get("init_from"):
     init_step = config.model.get("init_step", -1)
     params = checkpointing.load_params(
@@ -374,12 +207,10 @@ def _run(config, workdir: str, mesh, lead: bool) -> dict[str, Any]:
     )
     print(f"[init] parameters from {config.model.init_from}")
   if latest is None:
-    state = jax.jit(
-        lambda p: steps.TrainState(p, tx.init(p), jnp.zeros((), jnp.int32)),
-        out_shardings=shardings,
-    )(params)
+    state = fresh_state(params, tx, shardings)
   else:
     state, host, ref = ckpts.restore(latest, abstract, ref=abstract.params)
+    saved = None if ref is None else {"ref": ref}
     restore_iterators(iters, host["data"])
     results = host.get("results", {})
     print(f"[resume] {workdir}: step {latest} ({stage})")
@@ -389,11 +220,16 @@ def _run(config, workdir: str, mesh, lead: bool) -> dict[str, Any]:
   engine = rollout.Engine(
       prompt_buckets=buckets.prompt, patch_buckets=buckets.patches
   )
+  hooks = []
+  if config.debug.nan_at_step >= 0:
+    hooks.append(sft.nan_at(config.debug.nan_at_step))
+  learner_args = dict(graphdef=graphdef, data=data, iters=iters, mesh=mesh,
+                      engine=engine, hooks=hooks)  # fmt: skip
   learner = None
   if plan:
-    learner = make_learner(stage, config, tx, shardings, graphdef, data,
-                           iters, mesh, engine)  # fmt: skip
-    learner.ref_params = ref
+    learner = make_learner(stage, config, tx=tx, shardings=shardings,
+                           first_step=step, saved=saved,
+                           **learner_args)  # fmt: skip
   base_rng = jax.random.key(config.seed)
   eval_args = (config, graphdef, data, engine, mesh)
 
@@ -463,10 +299,9 @@ def _run(config, workdir: str, mesh, lead: bool) -> dict[str, Any]:
         # holds the state a resumed run continues from (its fresh optimizer).
         stage, s_start, s_end = stage_at(plan, step)
         bar.set_description(stage)
-        tx, shardings, state = enter_stage(stage, plan, config, state,
-                                           graphdef, mesh)  # fmt: skip
-        learner = make_learner(stage, config, tx, shardings, graphdef, data,
-                               iters, mesh, engine)  # fmt: skip
+        tx, shardings, state = enter_stage(stage, plan, config, state, mesh)
+        learner = make_learner(stage, config, tx=tx, shardings=shardings,
+                               first_step=step, **learner_args)  # fmt: skip
       preempted = preemption.should_stop() and step < total_steps
       if (
           boundary

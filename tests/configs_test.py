@@ -50,8 +50,13 @@ def _num_params(model_config, dtype=jnp.float32) -> tuple[dict, int]:
 CASES = [(n, a) for n in NAMES for a in _args(n)]
 
 
-def test_there_are_configs():
-  assert "demo" in NAMES and len(NAMES) >= 3
+def test_every_config_documents_the_command_that_runs_it():
+  assert "demo" in NAMES
+  for name in NAMES:
+    doc = importlib.import_module(f"configs.{name}").__doc__ or ""
+    assert f"python -m faithful_rl.train --config=configs/{name}.py" in (
+        " ".join(doc.replace("\\", " ").split())
+    ), name
 
 
 @pytest.mark.parametrize("name,arg", CASES)

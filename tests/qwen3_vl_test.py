@@ -55,17 +55,33 @@ def _hf_model(config, seed=0):
   return model.eval()
 
 
-@pytest.fixture(scope="module", params=["untied", "tied"])
-def pair(request, tmp_path_factory):
+def _pair(head, tmp_path_factory):
   """(config, HF torch model, its saved folder, our model loaded from it)."""
   threads = torch.get_num_threads()
   torch.set_num_threads(1)
-  config = helpers.tiny_qwen3_config(tied=request.param == "tied")
+  config = helpers.tiny_qwen3_config(tied=head == "tied")
   hf = _hf_model(config)
-  path = str(tmp_path_factory.mktemp(request.param))
+  path = str(tmp_path_factory.mktemp(head))
   hf.save_pretrained(path)
   yield config, hf, path, models.from_pretrained(path)
   torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+  """The untied head's pair: the tests one config suffices for."""
+  yield from _pair("untied", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+  yield from _pair("tied", tmp_path_factory)
+
+
+@pytest.fixture(params=["untied", "tied"])
+def pair(request):
+  """Both heads' pairs, for the tests both must pass."""
+  return request.getfixturevalue(request.param)
 
 
 def _inputs(seed, grids_per_example, pad_side="left", extra=0):
@@ -125,11 +141,13 @@ CASES = {
 TIED_CASES = ("one_image", "two_sizes_left_padded")
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_images(pair, case):
-  config, hf, _, model = pair
-  if config.text.tie_word_embeddings and case not in TIED_CASES:
-    pytest.skip("the tied head: two cases suffice")
+# The tied head: two cases suffice.
+@pytest.mark.parametrize(
+    "head,case",
+    [("untied", c) for c in sorted(CASES)] + [("tied", c) for c in TIED_CASES],
+)
+def test_images(request, head, case):
+  config, hf, _, model = request.getfixturevalue(head)
   grids, side = CASES[case]
   ids, mask, thw, pix = _inputs(2, grids, side, extra=5)
   ref = helpers.hf_logits(hf, ids, mask, thw, pix)
@@ -145,10 +163,8 @@ def test_images(pair, case):
   assert _diff(logits, ref, mask) <= TOL
 
 
-def test_vision_tower_deepstack_and_rope_index(pair):
-  config, hf, _, model = pair
-  if config.text.tie_word_embeddings:
-    pytest.skip("the vision tower does not depend on the head")
+def test_vision_tower_deepstack_and_rope_index(untied):
+  config, hf, _, model = untied
   grids = [[(1, 4, 4), (1, 10, 8)], [(1, 6, 10)]]
   ids, mask, thw, pix = _inputs(5, grids)
   with torch.no_grad():
@@ -168,11 +184,9 @@ def test_vision_tower_deepstack_and_rope_index(pair):
   assert (pos[0] != pos[1]).any()  # truly 3-D on the image tokens
 
 
-def test_deepstack_and_interleaving_change_image_logits_only(pair):
+def test_deepstack_and_interleaving_change_image_logits_only(untied):
   """The two features other ports dropped: parity above would catch both."""
-  config, hf, _, model = pair
-  if config.text.tie_word_embeddings:
-    pytest.skip("one config suffices")
+  config, hf, _, model = untied
   ids, mask, thw, pix = _inputs(6, [[(1, 8, 12)]], extra=4)
   ref = helpers.hf_logits(hf, ids, mask, thw, pix)
   grids = [thw]
@@ -235,10 +249,8 @@ def test_round_trips_through_transformers(pair, tmp_path):
   )
 
 
-def test_orbax_cli_round_trip(pair, tmp_path):
-  config, _, hf_dir, model = pair
-  if config.text.tie_word_embeddings:
-    pytest.skip("one config suffices")
+def test_orbax_cli_round_trip(untied, tmp_path):
+  config, _, hf_dir, model = untied
   convert_hf.main(["to-orbax", hf_dir, str(tmp_path / "orbax")])
   convert_hf.main([
       "to-hf", str(tmp_path / "orbax"), str(tmp_path / "hf"),
@@ -327,11 +339,9 @@ def _naive_probe(model, ids, mask, pos, vis, probe, layer):
       x = x + jnp.where(slots[0][..., None], gathered, 0)
 
 
-def test_probe_matches_naive_slice_and_transformers_eager(pair):
+def test_probe_matches_naive_slice_and_transformers_eager(untied):
   """At layer 1 (fed by DeepStack) and layer 2 (not)."""
-  config, hf, _, model = pair
-  if config.text.tie_word_embeddings:
-    pytest.skip("one config suffices")
+  config, hf, _, model = untied
   ids, mask, thw, pix, pos, vis, probe = _probe_setup(config)
   hf.config._attn_implementation = "eager"  # pylint: disable=protected-access
   hf.model.language_model.config._attn_implementation = "eager"  # pylint: disable=protected-access
@@ -362,10 +372,8 @@ def test_probe_matches_naive_slice_and_transformers_eager(pair):
       )
 
 
-def test_cached_decoding_equals_full_forward(pair):
-  config, _, _, model = pair
-  if config.text.tie_word_embeddings:
-    pytest.skip("one config suffices")
+def test_cached_decoding_equals_full_forward(untied):
+  config, _, _, model = untied
   grids = [[(1, 8, 8)], [(1, 4, 12)]]
   ids, mask, thw, pix = _inputs(9, grids)
   pos, delta = inputs_lib.rope_index(ids, mask, grids, config)
@@ -383,10 +391,8 @@ def test_cached_decoding_equals_full_forward(pair):
   helpers.check_cached_decoding(model, ids, mask, pos, vis, new, full_pos, ref)
 
 
-def test_greedy_rollout_equals_transformers_generate(pair):
-  config, hf, _, model = pair
-  if config.text.tie_word_embeddings:
-    pytest.skip("one config suffices")
+def test_greedy_rollout_equals_transformers_generate(untied):
+  config, hf, _, model = untied
   grids = [[(1, 8, 12)], [(1, 6, 6)]]
   ids, mask, thw, pix = _inputs(11, grids, extra=4)
   pos, _ = inputs_lib.rope_index(ids, mask, grids, config)
@@ -423,10 +429,8 @@ def test_greedy_rollout_equals_transformers_generate(pair):
 # ---------------------------------------------------------------------------
 
 
-def test_bad_input_names_the_problem(pair, tmp_path):
-  config, _, hf_dir, model = pair
-  if config.text.tie_word_embeddings:
-    pytest.skip("one config suffices")
+def test_bad_input_names_the_problem(untied, tmp_path):
+  config, _, hf_dir, model = untied
   vis = inputs_lib.vision_inputs(
       [helpers.random_pixels(np.random.default_rng(0), [(1, 4, 4)], PATCH_DIM)],
       [[(1, 4, 4)]],

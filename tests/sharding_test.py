@@ -45,15 +45,12 @@ SCRIPT = PREAMBLE + textwrap.dedent("""
                  example_mask=np.ones((b,), bool))
 
     def one_step(mesh):
-      from faithful_rl import train
+      from faithful_rl import run_setup, train
       graphdef, state = nnx.split(models.create(cfg, seed=1))
       params = nnx.to_pure_dict(state)
       tx = optax.sgd(1.0)  # params move by exactly the gradient
-      _, sh = train.abstract_train_state(graphdef, params, tx, mesh)
-      st = jax.jit(
-          lambda p: steps.TrainState(p, tx.init(p), jnp.zeros((), jnp.int32)),
-          out_shardings=sh,
-      )(params)
+      _, sh = train.abstract_train_state(params, tx, mesh)
+      st = run_setup.fresh_state(params, tx, sh)
       sft_cfg = steps.SFTConfig.from_config(common.base_config().sft)
       upd = steps.make_update(sft.SFT, tx, graphdef, sft_cfg,
                               state_shardings=sh)

@@ -255,3 +255,66 @@ def test_a_registered_loss_trains_by_its_name(tmp_path, monkeypatch):
   assert fake.logs == [(1, {k: v for k, v in fake.logs[0][1].items()})]
   assert fake.logs[0][1]["train/marker"] == 7.0 and fake.finished == 1
   assert open(os.path.join(workdir, "wandb_id")).read() == "run123"
+
+
+def test_a_registered_reward_and_format_train_by_name(tmp_path):
+  """A reward and a dataset format registered here are picked by
+  --config.rl.rewards and --config.data.format."""
+  from PIL import Image
+
+  from configs import qwen2_5_vl_dapo
+  from faithful_rl import rewards
+  from faithful_rl import train
+  from faithful_rl.data import formats
+  from faithful_rl.data import jsonl
+
+  reads, scored = [], []
+
+  @formats.FORMATS.register("test_pipes")
+  def read_pipes(path, report):
+    """One record a line: id|image|question|answer."""
+    reads.append(path)
+    lines = open(path).read().splitlines()
+
+    def record(line):
+      rid, image, question, answer = line.split("|")
+      return dict(id=rid, images=[image], question=question, answer=answer)
+
+    rows = ((i + 1, lambda l=l: record(l)) for i, l in enumerate(lines))
+    yield from jsonl.check_records(report, rows, os.path.dirname(path))
+
+  @rewards.REWARDS.register("test_bonus")
+  def bonus(responses, spec, *, value):
+    del spec
+    scored.append(len(responses.texts))
+    return np.full((len(responses.texts),), value, np.float32)
+
+  colours = {"red": (200, 30, 30), "blue": (30, 30, 200)}
+  lines = []
+  for i in range(8):
+    name = list(colours)[i % 2]
+    Image.new("RGB", (56, 56), colours[name]).save(tmp_path / f"{i}.png")
+    lines.append(f"q{i}|{i}.png|Which colour is the square?|{name}")
+  path = tmp_path / "train.pipes"
+  path.write_text("\n".join(lines) + "\n")
+
+  config = qwen2_5_vl_dapo.get_config("runlocal")
+  config.data.name = "jsonl_vqa/pipes"
+  config.data.format = "test_pipes"
+  config.data.files = {"train": str(path)}
+  config.data.eval_split = config.data.test_split = "none"
+  config.rl.rewards = ("correct", "test_bonus")
+  config.rl.reward_weights = {"test_bonus": 2.0}
+  config.rl.reward_options = {"test_bonus": {"value": 0.25}}
+  config.rl.dynamic_sampling = False  # the bonus alone never varies
+  config.rl.steps = 1
+  workdir = str(tmp_path / "by_name")
+  train.train(config, workdir)
+  assert reads == [str(path)]
+  assert scored and set(scored) == {16}  # 4 prompts x G = 4 per round
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  last = [r for r in rows if r["split"] == "train"][-1]
+  assert last["test_bonus"] == 0.25
+  # reward = correct + 2 * 0.25, over the same rows as batch_accuracy.
+  assert last["reward"] == pytest.approx(last["batch_accuracy"] + 0.5)
+  assert "format" not in last and "overlong" not in last

@@ -9,7 +9,9 @@
     batch = next(it)      # batch.arrays (device pytree), batch.meta (host)
 
 Users' own data: `data.build_jsonl("train.jsonl", data_dir)` (see
-`faithful_rl.data.jsonl` for the record format and the bad-record report).
+`faithful_rl.data.jsonl` for the record format and the bad-record report;
+`format="parquet"` / `"hf"` read verl and EasyR1 data, `data.parquet`; a
+new format registers itself in `data.formats.FORMATS`).
 """
 
 from faithful_rl.data.batching import Batch
@@ -23,6 +25,7 @@ from faithful_rl.data.builders import JsonlVqa
 from faithful_rl.data.builders import build_jsonl
 from faithful_rl.data.builders import build_synthetic
 from faithful_rl.data.builders import data_source
+from faithful_rl.data.formats import FORMATS
 from faithful_rl.data.jsonl import JsonlReport
 from faithful_rl.data.jsonl import read_jsonl
 from faithful_rl.data.processing import Example

@@ -1,8 +1,9 @@
 """TFDS builders (array_record, readable without TensorFlow).
 
 * `EvidenceVqa` ("evidence_vqa"): the synthetic task of `synthetic.py`.
-* `JsonlVqa` ("jsonl_vqa"): users' JSONL files (`jsonl.py`), one builder
-  config per dataset name.
+* `JsonlVqa` ("jsonl_vqa"): users' files in any registered format
+  (`formats.py`: JSONL, parquet, HF `datasets`), one builder config per
+  dataset name.
 
 Features avoid TensorFlow's encoders (images are stored as their encoded
 bytes, boxes as float32 tensors), so `tfds.data_source` reads them back
@@ -28,6 +29,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from faithful_rl.data import formats
 from faithful_rl.data import jsonl as jsonl_lib
 from faithful_rl.data import synthetic
 
@@ -224,13 +226,15 @@ def _describe(cfg: synthetic.SyntheticConfig) -> str:
 
 @dataclasses.dataclass(eq=False)
 class JsonlVqaConfig(tfds.core.BuilderConfig):
-  """One user dataset: split name -> JSONL path (pairs, to stay hashable)."""
+  """One user dataset: split name -> path (pairs, to stay hashable), and
+  the files' format (a name in `formats.FORMATS`)."""
 
   files: tuple[tuple[str, str], ...] = ()
+  format: str = "jsonl"
 
 
 class JsonlVqa(_Builder):
-  """Users' evidence-VQA JSONL (see `faithful_rl.data.jsonl`)."""
+  """Users' evidence-VQA files (see `faithful_rl.data.formats`)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
@@ -257,7 +261,8 @@ class JsonlVqa(_Builder):
   def _generate_examples(self, split: str, path: str):
     report = jsonl_lib.JsonlReport(path)
     self.reports[split] = report
-    for i, rec in enumerate(jsonl_lib.iter_jsonl(path, report)):
+    read = formats.get(self.builder_config.format)
+    for i, rec in enumerate(read(path, report)):
       yield i, rec
 
 
@@ -267,16 +272,19 @@ def build_jsonl(
     name: str | None = None,
     *,
     overwrite: bool = True,
+    format: str = "jsonl",  # pylint: disable=redefined-builtin
 ) -> tuple[JsonlVqa, dict[str, jsonl_lib.JsonlReport]]:
-  """Builds `jsonl_vqa/<name>` from JSONL files.
+  """Builds `jsonl_vqa/<name>` from users' files.
 
   Args:
-    files: a JSONL path (the train split) or {split: path}.
+    files: a path (the train split) or {split: path}.
     data_dir: TFDS data directory.
     name: the dataset (builder config) name; default: the first file's
       stem.
     overwrite: rebuild when the dataset exists (else reuse it; the reports
       are then empty).
+    format: the files' format, a name in `formats.FORMATS` ("jsonl",
+      "parquet", "hf", or one registered).
 
   Returns:
     The builder and, per split, the `JsonlReport` (bad records, counts).
@@ -287,10 +295,12 @@ def build_jsonl(
   if name is None:
     first = next(iter(files.values()))
     name = os.path.splitext(os.path.basename(first))[0]
+  formats.get(format)  # a clear error for an unknown name, before building
   config = JsonlVqaConfig(
       name=name,
-      description=f"JSONL files {files}",
+      description=f"{format} files {files}",
       files=tuple(sorted(files.items())),
+      format=format,
   )
   builder = JsonlVqa(
       config=config, data_dir=data_dir, file_format="array_record"

@@ -102,11 +102,14 @@ class JsonlReport:
     )
 
 
-class _Bad(Exception):
+class BadRecord(Exception):
+  """Raised by a format's reader: the record is skipped, naming `field`
+  (and the record's id, when the reader knew it before the record failed)."""
 
-  def __init__(self, field: str, reason: str, detail: str):
+  def __init__(self, field: str, reason: str, detail: str, record_id=None):
     super().__init__(detail)
     self.field, self.reason, self.detail = field, reason, detail
+    self.record_id = record_id
 
 
 def _has_surrogates(s: str) -> bool:
@@ -145,29 +148,44 @@ def _is_number(x) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _read_image(base_dir: str, path, field: str) -> tuple[bytes, tuple]:
-  if not isinstance(path, str) or not path:
-    raise _Bad(field, "wrong_type", f"expected a path string, got {path!r}")
-  full = path if os.path.isabs(path) else os.path.join(base_dir, path)
-  if not os.path.isfile(full):
-    raise _Bad(field, "missing_image", f"{full} does not exist")
-  with open(full, "rb") as f:
-    data = f.read()
+def _read_image(base_dir: str, item, field: str) -> tuple[bytes, tuple]:
+  """An image given as a path (relative to `base_dir`), encoded bytes, or a
+  {"bytes", "path"} dict (the HF `datasets` Image layout): its bytes and
+  (height, width)."""
+  if isinstance(item, dict):
+    if item.get("bytes"):
+      item = item["bytes"]
+    elif item.get("path"):
+      item = item["path"]
+    else:
+      raise BadRecord(field, "missing_image", "neither bytes nor a path")
+  if isinstance(item, (bytes, bytearray)):
+    data, where = bytes(item), f"{len(item)} bytes"
+  elif isinstance(item, str) and item:
+    full = item if os.path.isabs(item) else os.path.join(base_dir, item)
+    if not os.path.isfile(full):
+      raise BadRecord(field, "missing_image", f"{full} does not exist")
+    with open(full, "rb") as f:
+      data, where = f.read(), full
+  else:
+    raise BadRecord(
+        field, "wrong_type", f"expected a path string, got {item!r}"
+    )
   try:
     img = Image.open(io.BytesIO(data))
     img.load()
   except Exception as e:  # pylint: disable=broad-except
-    raise _Bad(field, "corrupt_image", f"{full} cannot be decoded: {e}")
+    raise BadRecord(field, "corrupt_image", f"{where} cannot be decoded: {e}")
   return data, (img.height, img.width)
 
 
 def _text_field(rec, name: str, *, required: bool) -> str | None:
   if name not in rec or rec[name] is None:
     if required:
-      raise _Bad(name, "missing_field", "required")
+      raise BadRecord(name, "missing_field", "required")
     return None
   if not isinstance(rec[name], str):
-    raise _Bad(
+    raise BadRecord(
         name, "wrong_type", f"expected a string, got {type(rec[name]).__name__}"
     )
   return rec[name]
@@ -177,31 +195,31 @@ def validate_record(rec: Any, base_dir: str) -> tuple[dict[str, Any], int]:
   """Checks one parsed record; returns the stored record and boxes clipped.
 
   Raises:
-    _Bad: naming the field and reason.
+    BadRecord: naming the field and reason.
   """
   if not isinstance(rec, dict):
-    raise _Bad("<record>", "wrong_type", "a line must hold a JSON object")
+    raise BadRecord("<record>", "wrong_type", "a line must hold a JSON object")
   question = _text_field(rec, "question", required=True)
   if not question.strip():
-    raise _Bad("question", "bad_value", "empty question")
+    raise BadRecord("question", "bad_value", "empty question")
   if "answer" not in rec or rec["answer"] is None:
-    raise _Bad("answer", "missing_field", "required")
+    raise BadRecord("answer", "missing_field", "required")
   answer = rec["answer"]
   if _is_number(answer):
     answer = str(answer)
   if not isinstance(answer, str):
-    raise _Bad(
+    raise BadRecord(
         "answer",
         "wrong_type",
         f"expected a string or number, got {type(answer).__name__}",
     )
   if not answer.strip():
-    raise _Bad("answer", "empty_answer", "the answer is empty")
+    raise BadRecord("answer", "empty_answer", "the answer is empty")
   answer_type = _text_field(rec, "answer_type", required=False)
   if answer_type is None:
     answer_type = processing.infer_answer_type(answer)
   elif answer_type not in ANSWER_TYPES:
-    raise _Bad(
+    raise BadRecord(
         "answer_type", "bad_value", f"{answer_type!r} not in {ANSWER_TYPES}"
     )
   reference = _text_field(rec, "reference_response", required=False) or ""
@@ -209,9 +227,11 @@ def validate_record(rec: Any, base_dir: str) -> tuple[dict[str, Any], int]:
 
   images = rec.get("images")
   if images is None:
-    raise _Bad("images", "missing_field", "required")
+    raise BadRecord("images", "missing_field", "required")
   if not isinstance(images, list) or not images:
-    raise _Bad("images", "wrong_type", "expected a non-empty list of paths")
+    raise BadRecord(
+        "images", "wrong_type", "expected a non-empty list of paths"
+    )
   blobs, sizes = [], []
   for i, path in enumerate(images):
     data, size = _read_image(base_dir, path, f"images[{i}]")
@@ -220,9 +240,11 @@ def validate_record(rec: Any, base_dir: str) -> tuple[dict[str, Any], int]:
 
   box_image = rec.get("box_image", 0)
   if not _is_int(box_image):
-    raise _Bad("box_image", "wrong_type", f"expected an int, got {box_image!r}")
+    raise BadRecord(
+        "box_image", "wrong_type", f"expected an int, got {box_image!r}"
+    )
   if not 0 <= box_image < len(images):
-    raise _Bad(
+    raise BadRecord(
         "box_image", "bad_value", f"{box_image} but {len(images)} images"
     )
 
@@ -231,7 +253,9 @@ def validate_record(rec: Any, base_dir: str) -> tuple[dict[str, Any], int]:
       isinstance(b, list) and len(b) == 4 and all(_is_number(v) for v in b)
       for b in raw_boxes
   ):
-    raise _Bad("boxes", "wrong_type", "expected a list of [x0, y0, x1, y1]")
+    raise BadRecord(
+        "boxes", "wrong_type", "expected a list of [x0, y0, x1, y1]"
+    )
   boxes = np.asarray(raw_boxes, np.float64).reshape(-1, 4)
   h, w = sizes[box_image]
   if targets_lib.is_normalized(boxes):
@@ -239,12 +263,12 @@ def validate_record(rec: Any, base_dir: str) -> tuple[dict[str, Any], int]:
   for i, b in enumerate(boxes):
     x0, y0, x1, y1 = b
     if not all(math.isfinite(v) for v in b):
-      raise _Bad(f"boxes[{i}]", "bad_box", f"{b.tolist()} is not finite")
+      raise BadRecord(f"boxes[{i}]", "bad_box", f"{b.tolist()} is not finite")
     if x1 <= x0 or y1 <= y0:
       kind = "zero-area" if x1 == x0 or y1 == y0 else "inverted"
-      raise _Bad(f"boxes[{i}]", "bad_box", f"{b.tolist()} is {kind}")
+      raise BadRecord(f"boxes[{i}]", "bad_box", f"{b.tolist()} is {kind}")
     if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
-      raise _Bad(
+      raise BadRecord(
           f"boxes[{i}]",
           "box_outside",
           f"{b.tolist()} lies outside the {w}x{h} image",
@@ -257,9 +281,9 @@ def validate_record(rec: Any, base_dir: str) -> tuple[dict[str, Any], int]:
   if not isinstance(labels, list) or not all(
       isinstance(s, str) for s in labels
   ):
-    raise _Bad("box_labels", "wrong_type", "expected a list of strings")
+    raise BadRecord("box_labels", "wrong_type", "expected a list of strings")
   if len(labels) != len(boxes):
-    raise _Bad(
+    raise BadRecord(
         "box_labels",
         "bad_value",
         f"{len(labels)} labels for {len(boxes)} boxes",
@@ -288,57 +312,79 @@ def _record_id(rec) -> str | None:
   return None
 
 
-def iter_jsonl(
-    path: str, report: JsonlReport | None = None
+def check_records(
+    report: JsonlReport, entries: Iterator[tuple[int, Any]], base_dir: str
 ) -> Iterator[dict[str, Any]]:
-  """Yields the good records of a JSONL file, filling `report`.
+  """Yields the good records of `entries`, filling `report`.
 
+  The reading and reporting every format shares: `entries` yields (line,
+  read) pairs, `read()` returning one raw record in this module's layout,
+  or (record, False) when its text was not valid UTF-8, or raising `BadRecord`.
   Every skipped record is logged (one warning line: file, line, record id,
   field, reason) and appended to `report.problems`; the summary is logged
   at the end.
   """
+  seen = set()
+  for line_no, read in entries:
+    report.num_lines += 1
+    rid = f"<line {line_no}>"
+    try:
+      rec, strict = read(), True
+      if isinstance(rec, tuple):
+        rec, strict = rec
+      rid = _record_id(rec) or rid
+      bad_field = _non_utf8_field(rec)
+      if bad_field is not None or not strict:
+        raise BadRecord(bad_field or "<line>", "non_utf8", "text is not UTF-8")
+      if "id" not in rec:
+        raise BadRecord("id", "missing_field", "required")
+      if _record_id(rec) is None:
+        raise BadRecord("id", "wrong_type", "expected a string or int")
+      if rid in seen:
+        raise BadRecord("id", "duplicate_id", "seen on an earlier line")
+      good, clipped = validate_record(rec, base_dir)
+    except BadRecord as bad:
+      rid = rid if bad.record_id is None else str(bad.record_id)
+      problem = Problem(
+          report.path, line_no, rid, bad.field, bad.reason, bad.detail
+      )
+      report.problems.append(problem)
+      log.warning("skipping %s", problem)
+      continue
+    seen.add(rid)
+    report.clipped_boxes += clipped
+    report.num_good += 1
+    good["id"] = rid
+    yield good
+  log.warning("%s", report.summary())
+
+
+def _json_line(raw: bytes):
+  """One JSONL line's record, and whether its bytes were valid UTF-8."""
+  try:
+    line, strict = raw.decode("utf-8"), True
+  except UnicodeDecodeError:
+    line, strict = raw.decode("utf-8", errors="surrogateescape"), False
+  try:
+    return json.loads(line), strict
+  except json.JSONDecodeError as e:
+    raise BadRecord("<line>", "invalid_json", str(e)) from None
+
+
+def iter_jsonl(
+    path: str, report: JsonlReport | None = None
+) -> Iterator[dict[str, Any]]:
+  """Yields the good records of a JSONL file, filling `report`
+  (`check_records`)."""
   report = report if report is not None else JsonlReport(path)
   base_dir = os.path.dirname(os.path.abspath(path))
-  seen = set()
   with open(path, "rb") as f:
-    for line_no, raw in enumerate(f, start=1):
-      if not raw.strip():
-        continue
-      report.num_lines += 1
-      rid = f"<line {line_no}>"
-      try:
-        try:
-          line = raw.decode("utf-8")
-          strict = True
-        except UnicodeDecodeError:
-          line = raw.decode("utf-8", errors="surrogateescape")
-          strict = False
-        try:
-          rec = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise _Bad("<line>", "invalid_json", str(e)) from None
-        rid = _record_id(rec) or rid
-        bad_field = _non_utf8_field(rec)
-        if bad_field is not None or not strict:
-          raise _Bad(bad_field or "<line>", "non_utf8", "text is not UTF-8")
-        if "id" not in rec:
-          raise _Bad("id", "missing_field", "required")
-        if _record_id(rec) is None:
-          raise _Bad("id", "wrong_type", "expected a string or int")
-        if rid in seen:
-          raise _Bad("id", "duplicate_id", "seen on an earlier line")
-        good, clipped = validate_record(rec, base_dir)
-      except _Bad as bad:
-        problem = Problem(path, line_no, rid, bad.field, bad.reason, bad.detail)
-        report.problems.append(problem)
-        log.warning("skipping %s", problem)
-        continue
-      seen.add(rid)
-      report.clipped_boxes += clipped
-      report.num_good += 1
-      good["id"] = rid
-      yield good
-  log.warning("%s", report.summary())
+    entries = (
+        (line_no, lambda raw=raw: _json_line(raw))
+        for line_no, raw in enumerate(f, start=1)
+        if raw.strip()
+    )
+    yield from check_records(report, entries, base_dir)
 
 
 def read_jsonl(path: str) -> tuple[list[dict[str, Any]], JsonlReport]:

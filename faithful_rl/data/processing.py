@@ -37,7 +37,7 @@ from faithful_rl.data import tokenizer as tok_lib
 
 @dataclasses.dataclass(frozen=True)
 class ProcessorOptions:
-  """Processing switches (every open choice of METHODS.md is one).
+  """Processing switches (every open choice of docs/methods.md is one).
 
   Attributes:
     system_prompt: the system message; None keeps the chat template's
@@ -45,7 +45,7 @@ class ProcessorOptions:
     instruction: appended to the question (after a newline) to fix the
       answer format; "" for none.
     focus_token: begin the response with `<Focus>` (Faithful-MR1's
-      anchoring token, METHODS.md section 4).
+      anchoring token, docs/methods.md section 4).
     sigma_scale: EASE Gaussian sigma as a fraction of the box side.
     ease_alpha: EASE uniform smoothing.
     focus_alpha: smoothing of the `<Focus>` anchoring target.
@@ -79,8 +79,8 @@ class Example:
     cf_pixel_values: float32[P, patch_dim], the same with the evidence
       tokens' cells masked (equal to pixel_values where nothing is masked).
     image_grid_thw: int64[M, 3] patch grid (t, h, w) of each image.
-    ease_target: float32[V], sums to 1 (METHODS.md section 3).
-    focus_target: float32[V], sums to 1 (METHODS.md section 4).
+    ease_target: float32[V], sums to 1 (docs/methods.md section 3).
+    focus_target: float32[V], sums to 1 (docs/methods.md section 4).
     evidence_mask: bool[V], visual tokens covered by the boxes.
     has_boxes: whether the example has evidence boxes.
     response_ids: int32[Tr], reference response ending in `<|im_end|>`

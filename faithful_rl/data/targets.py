@@ -207,7 +207,7 @@ def ease_target(
     sigma_scale: float = 0.25,
     alpha: float = 0.1,
 ) -> tuple[np.ndarray, bool]:
-  """EASE target over one image's tokens (METHODS.md section 3).
+  """EASE target over one image's tokens (docs/methods.md section 3).
 
   t = (1 - alpha) * mixture + alpha * uniform, with `gaussian_mixture`.
 

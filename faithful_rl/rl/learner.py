@@ -87,6 +87,13 @@ def check_sizes(rl) -> None:
     )
 
 
+def _plain(block) -> dict:
+  """A config block (ConfigDict, dict or None) as a plain dict."""
+  if block is None:
+    return {}
+  return block.to_dict() if hasattr(block, "to_dict") else dict(block)
+
+
 class Learner:
   """The RL stage's step (see the module docstring).
 
@@ -102,6 +109,8 @@ class Learner:
       `batching.BatchIterator` sharded by process).
     state_shardings: the train state's shardings (the update keeps them).
     engine: a `rollout.Engine` (default: a new one over the buckets).
+    saved: what `saved()` returned at the checkpoint resumed from ({"ref":
+      the frozen reference parameters}), or None at the stage's start.
   """
 
   def __init__(
@@ -117,6 +126,7 @@ class Learner:
       prompts,
       state_shardings=None,
       engine: rollout.Engine | None = None,
+      saved: dict | None = None,
   ):
     rc = config.rl
     check_sizes(rc)
@@ -139,7 +149,9 @@ class Learner:
             pad_token=processor.ids.pad,
         ),
         chunk=int(rc.rollout_chunk),
-        format_weight=float(rc.format_weight),
+        rewards=tuple(rc.rewards),
+        reward_weights=_plain(rc.get("reward_weights")),
+        reward_options=_plain(rc.get("reward_options")),
         boxed_only=bool(rc.boxed_only),
         overlong=rc.overlong,
         overlong_cache=int(rc.overlong_cache),
@@ -159,7 +171,12 @@ class Learner:
     self._finalize = jax.jit(analysis.finalize, static_argnums=(2,))
     self._gap = jax.jit(analysis.logp_gap)
     self.black = sharding.replicated(mesh, black_patch(processor))
-    self.ref_params = None  # frozen at the stage's first step (kl_beta > 0)
+    # Frozen at the stage's first step (kl_beta > 0), kept by checkpoints.
+    self.ref_params = (saved or {}).get("ref")
+
+  def saved(self) -> dict:
+    """What a checkpoint keeps of the learner beyond the train state."""
+    return {} if self.ref_params is None else {"ref": self.ref_params}
 
   @property
   def needs_reference(self) -> bool:

@@ -20,6 +20,7 @@ calls of `chunk` rows.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 import time
 from typing import Any
 
@@ -35,8 +36,9 @@ from faithful_rl.data import batching
 from faithful_rl.rl.batch import RolloutBatch
 from faithful_rl.rl.batch import pad_prompts
 
-# Per-row numbers all-gathered after each round (float32).
-SCORES = ("reward", "correct", "format", "overlong", "lengths", "truncated")
+# Per-row numbers all-gathered after each round (float32), beside the
+# reward terms (`Spec.scores`).
+SCORES = ("reward", "correct", "lengths", "truncated")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +48,10 @@ class Spec:
   Attributes:
     sampling: the sampling config (num_samples = G).
     chunk: rows per rollout call, over all processes.
-    format_weight: weight of the format reward.
+    rewards: the reward terms summed into the reward, by name
+      (`rewards.REWARDS`).
+    reward_weights: {name: weight} (default 1).
+    reward_options: {name: keyword arguments of that term}.
     boxed_only: only a boxed answer earns the correctness reward.
     overlong: 'shaping' | 'filter' | 'none' (docs/methods.md 2).
     overlong_cache: L_cache for the shaping.
@@ -56,12 +61,28 @@ class Spec:
 
   sampling: rollout.SamplingConfig
   chunk: int
-  format_weight: float = 0.0
+  rewards: tuple[str, ...] = ("correct", "format", "overlong")
+  reward_weights: Mapping[str, float] = dataclasses.field(
+      default_factory=lambda: {"format": 0.0}
+  )
+  reward_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(
+      default_factory=dict
+  )
   boxed_only: bool = False
   overlong: str = "none"
   overlong_cache: int = 0
   cf_vision: bool = False
   cf_rollout: bool = False
+
+  def __post_init__(self):
+    for name in self.rewards:
+      rewards_lib.REWARDS.get(name)  # a clear error for an unknown name
+
+  @property
+  def scores(self) -> tuple[str, ...]:
+    """The per-row numbers all-gathered after each round."""
+    terms = tuple(k for k in self.rewards if k not in SCORES)
+    return SCORES + terms
 
 
 @dataclasses.dataclass
@@ -73,8 +94,8 @@ class Round:
       `RolloutBatch.PROMPT_FIELDS` but `group_ids`; position_ids [n, 3, Tp]).
     grids: each local prompt's image grids (to re-pad `prompts`).
     rows: the local rows (n * G): tokens, logprobs, mask, truncated,
-      lengths, and the reward parts SCORES (+ correct_cf).
-    scores: SCORES of every process's rows, in canonical order.
+      lengths, and the reward terms `Spec.scores` (+ correct_cf).
+    scores: `Spec.scores` of every process's rows, in canonical order.
   """
 
   prompts: dict[str, Any]
@@ -240,27 +261,15 @@ def sample_round(
   rep = lambda xs: [x for x in xs for _ in range(g)]
   answers, types = rep(batch.meta["answers"]), rep(batch.meta["answer_types"])
   texts = processor.decode_responses(rows["tokens"], rows["mask"])
-  rw = rewards_lib.batch_rewards(
-      texts,
-      answers,
-      types,
-      format_weight=spec.format_weight,
-      boxed_only=spec.boxed_only,
-  )
-  overlong = np.zeros((n * g,), np.float32)
-  if spec.overlong == "shaping":
-    overlong = np.asarray(
-        losses.overlong_penalty(
-            lengths=rows["lengths"],
-            max_len=spec.sampling.max_new_tokens,
-            cache_len=spec.overlong_cache,
-        )
-    )
+  responses = rewards_lib.Responses(
+      texts, answers, types, np.asarray(rows["lengths"]),
+      spec.sampling.max_new_tokens,
+  )  # fmt: skip
   rows.update(
-      reward=rw["reward"] + overlong,
-      correct=rw["correct"],
-      format=rw["format"],
-      overlong=overlong,
+      rewards_lib.score_terms(
+          responses, spec, spec.rewards, spec.reward_weights,
+          spec.reward_options,
+      )  # fmt: skip
   )
   if spec.cf_rollout:  # same row ids: the same draws, another image
     cf = sample("cf_vision")
@@ -268,10 +277,11 @@ def sample_round(
     rows["correct_cf"] = rewards_lib.batch_rewards(
         cf_texts, answers, types, boxed_only=spec.boxed_only
     )["correct"]
-  local = np.stack([rows[k].astype(np.float32) for k in SCORES], axis=1)
-  every = sharding.allgather(local.reshape(n, g, len(SCORES)))
-  every = canonical(every, procs).reshape(-1, len(SCORES))
-  scores = {k: every[:, i] for i, k in enumerate(SCORES)}
+  keys = spec.scores
+  local = np.stack([rows[k].astype(np.float32) for k in keys], axis=1)
+  every = sharding.allgather(local.reshape(n, g, len(keys)))
+  every = canonical(every, procs).reshape(-1, len(keys))
+  scores = {k: every[:, i] for i, k in enumerate(keys)}
   grids = [ex.grids for ex in examples]
   return Round(prompts=prompts, grids=grids, rows=rows, scores=scores)
 
@@ -346,7 +356,9 @@ def collect(
   kept += spare[:filled]
   if len(kept) < num_prompts:
     raise RuntimeError(f"only {len(kept)} of {num_prompts} groups collected")
-  every = {k: np.concatenate([rd.scores[k] for rd in rounds]) for k in SCORES}
+  every = {
+      k: np.concatenate([rd.scores[k] for rd in rounds]) for k in spec.scores
+  }
   stats.update(
       filled_groups=filled,
       zero_variance_frac=stats["zero_variance_groups"]
@@ -466,8 +478,7 @@ def assemble(
   )
   stats = dict(
       batch_accuracy=float(sel("correct").mean()),
-      format=float(sel("format").mean()),
-      overlong=float(sel("overlong").mean()),
+      **{k: float(sel(k).mean()) for k in spec.scores[len(SCORES) :]},
       response_length=float(sel("lengths").mean()),
       truncated=float(sel("truncated").mean()),
   )
